@@ -1,0 +1,1 @@
+"""Shared building blocks for DINO and MAE pretraining and the DINO evaluation suite."""

@@ -1,0 +1,242 @@
+"""One checkpoint module: atomic saves, exact resume, and loading of pretrained backbones from every layout we meet.
+
+Checkpoints hold only tensors and plain Python values (args as a dict), so torch.load(weights_only=True) reads them.
+"""
+import argparse
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from core.distributed import get_rank
+from core.errors import UserError
+from core.vision_transformer import SIZES
+
+PREFIXES = ("module.", "backbone.", "_orig_mod.")
+VIT_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight")
+
+
+def save_checkpoint(obj, path, write=None):
+    """Write to a temporary file in the same folder, then rename: a crash mid-write never harms the last good file.
+
+    write(obj, file) serialises (torch.save by default; e.g. safetensors for weight export)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint in {path.parent} ({e.strerror}): choose a writable --output_dir")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            (write or torch.save)(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_file(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: check the path")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file as load_safetensors
+
+            return load_safetensors(path)
+        # Official DINO and MAE checkpoints pickle their args as an argparse.Namespace: harmless, so allowed.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): is it a PyTorch weights file?") from e
+
+
+def rng_state():
+    """Every random generator a training step draws from, so that a resumed run continues exactly.
+
+    Callers store one per process (a list in rank order), since each process seeds its own generators.
+    """
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restart_from_checkpoint(path, run_variables=None, **objects):
+    """Load each named object's state (model, optimizer, scaler, loss) and return the run variables (epoch...).
+
+    A missing file means a fresh run and returns run_variables unchanged.
+    """
+    run_variables = dict(run_variables or {})
+    if not Path(path).is_file():
+        return run_variables
+    ckpt = load_file(path)
+    for name, obj in objects.items():
+        if obj is None:
+            continue
+        if name not in ckpt:
+            raise UserError(f"checkpoint {path} has no '{name}' entry: it was written by another script; "
+                            f"use a new --output_dir")
+        state = ckpt[name]
+        if isinstance(obj, torch.nn.Module):
+            state = strip_prefixes(state, ("module.",))
+        try:
+            obj.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"cannot resume from {path}: its '{name}' does not match this run "
+                            f"({str(e).splitlines()[0]}); use the same arguments or a new --output_dir") from e
+    if "rng" in ckpt:
+        states = ckpt["rng"]
+        set_rng_state(states[get_rank() % len(states)])
+    for key in run_variables:
+        if key in ckpt:
+            run_variables[key] = ckpt[key]
+    return run_variables
+
+
+def strip_prefixes(state_dict, prefixes=PREFIXES):
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def extract_backbone(ckpt, checkpoint_key="teacher"):
+    """The backbone's state dict from a full training checkpoint or a backbone-only file.
+
+    Full DINO checkpoints hold `student`/`teacher` with `module.` and `backbone.` prefixes and a projection head, which
+    is dropped; MAE and fine-tuning files hold `model`, linear-eval files `state_dict`.
+    """
+    if not isinstance(ckpt, dict):
+        raise UserError("checkpoint is not a state dict: expected a dict of tensors or a training checkpoint")
+    if checkpoint_key in ckpt and isinstance(ckpt[checkpoint_key], dict):
+        sd = ckpt[checkpoint_key]
+    elif any(isinstance(v, dict) for v in ckpt.values()) and not any(torch.is_tensor(v) for v in ckpt.values()):
+        keys = [k for k, v in ckpt.items() if isinstance(v, dict) and any(torch.is_tensor(t) for t in v.values())]
+        raise UserError(f"checkpoint has no key '{checkpoint_key}': pass --checkpoint_key with one of: "
+                        f"{', '.join(keys) or 'none (it holds no weights)'}")
+    else:
+        sd = ckpt
+    if any(k.startswith(("backbone.", "module.backbone.")) for k in sd):
+        sd = {k: v for k, v in sd.items() if k.startswith(("backbone.", "module.backbone."))}
+    return from_timm_layout(strip_prefixes(sd))
+
+
+def from_timm_layout(sd):
+    """timm's register models (DINOv2 with registers) keep them in `reg_token` and give [CLS] no position slot
+    (no_embed_class); a zero slot computes the same function in our layout, where [CLS] gets pos_embed[:, 0]."""
+    if "reg_token" not in sd or "register_tokens" in sd:
+        return sd
+    sd = dict(sd)
+    sd["register_tokens"] = sd.pop("reg_token")
+    pos = sd["pos_embed"]
+    sd["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+    return sd
+
+
+def to_timm_layout(sd):
+    """Our layout as timm's: the same keys, less the mask token (unused by timm); with registers, timm's DINOv2
+    layout, where the [CLS] position is folded into cls_token (it is a constant added to it)."""
+    sd = {k: v for k, v in sd.items() if k != "mask_token"}
+    if "register_tokens" in sd:
+        sd["reg_token"] = sd.pop("register_tokens")
+        sd["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
+        sd["pos_embed"] = sd["pos_embed"][:, 1:]
+    return sd
+
+
+def vit_layout(sd):
+    """Constructor options of our ViT read off a backbone state dict (patch size, size of the stored position grid,
+    LayerScale, registers, mask token, and the named size), or None when it is not a ViT in a known layout."""
+    if not all(k in sd for k in VIT_KEYS):
+        return None
+    embed_dim, _, patch_size, _ = sd["patch_embed.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    return {
+        "arch": next((a for a, (dim, d, _) in SIZES.items() if (dim, d) == (embed_dim, depth)), None),
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "patch_size": patch_size,
+        "img_size": grid * patch_size,
+        "init_values": 1e-5 if "blocks.0.ls1.gamma" in sd else None,
+        "num_register_tokens": sd["register_tokens"].shape[1] if "register_tokens" in sd else 0,
+        "mask_token": "mask_token" in sd,
+    }
+
+
+def stored_args(ckpt):
+    """The training arguments a checkpoint carries: a dict in ours, an argparse.Namespace in the official ones."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return args if isinstance(args, dict) else {}
+
+
+def read_backbone(path, checkpoint_key="teacher"):
+    """(backbone state dict in our layout, stored training args) from any supported checkpoint file."""
+    ckpt = load_file(path)
+    return extract_backbone(ckpt, checkpoint_key), stored_args(ckpt)
+
+
+def check_state_dict(model, state_dict, source, strict=True):
+    """Stop with the shape or key differences listed, instead of loading half a model."""
+    own = model.state_dict()
+    if not set(own) & set(state_dict):
+        raise UserError(f"{source} matches no known layout (our or official DINO checkpoints, backbone-only, timm ViT, "
+                        f"DINOv2): expected keys {_short(list(own))}, found {_short(list(state_dict))}")
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise UserError(f"{source} is for another architecture (checkpoint vs model: {'; '.join(wrong[:3])}): "
+                        f"pass the --arch and --patch_size it was trained with")
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if strict and (missing or unexpected):
+        raise UserError(f"{source} does not match the model: missing keys {_short(missing)}, unexpected keys "
+                        f"{_short(unexpected)}; check --arch/--checkpoint_key")
+    return missing, unexpected
+
+
+def _short(keys, n=6):
+    return "[" + ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]"
+
+
+def load_backbone_state(model, state_dict, source, strict=True, assign=False):
+    """Check, then load; a classifier head (timm, fine-tuned files) is dropped when the model has none.
+
+    assign=True adopts the loaded tensors (as float32) instead of copying, for a model built on the meta device:
+    no time spent initialising weights that are overwritten anyway."""
+    own = model.state_dict()
+    if not any(k.startswith("head.") for k in own):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    missing, unexpected = check_state_dict(model, state_dict, source, strict)
+    if assign:
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=False, assign=assign)
+    return missing, unexpected
+
+
+def load_pretrained_weights(model, path, checkpoint_key="teacher", strict=True):
+    """Load a backbone from our checkpoints, official DINO full checkpoints, backbone-only files, timm ViT state
+    dicts or DINOv2-layout backbones."""
+    return load_backbone_state(model, read_backbone(path, checkpoint_key)[0], f"checkpoint {path}", strict)
