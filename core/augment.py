@@ -4,6 +4,8 @@ import torch
 from PIL import ImageOps
 from torchvision.transforms import v2
 
+from core.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -87,13 +89,19 @@ def posterize(img, bits_to_keep, **_):
 
 def finetune_transform(input_size=224, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel",
                        re_count=1, color_jitter=None):
-    """MAE fine-tuning view, built by timm as the original: RandomResizedCrop, flip, RandAugment, random erasing."""
+    """MAE fine-tuning view, built by timm as the original: RandomResizedCrop, flip, RandAugment, random erasing.
+    auto_augment "none" (or empty) turns RandAugment off."""
     from timm.data import create_transform
     from timm.data.auto_augment import RandAugment
 
-    transform = create_transform(input_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,
-                                 interpolation="bicubic", re_prob=re_prob, re_mode=re_mode, re_count=re_count,
-                                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    if auto_augment in ("", "none"):
+        auto_augment = None
+    try:
+        transform = create_transform(input_size, is_training=True, color_jitter=color_jitter,
+                                     auto_augment=auto_augment, interpolation="bicubic", re_prob=re_prob,
+                                     re_mode=re_mode, re_count=re_count, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    except AssertionError as e:
+        raise UserError(f"--aa {auto_augment}: {e}; use a timm policy such as rand-m9-mstd0.5-inc1, or none") from e
     for t in transform.transforms:
         for op in t.ops if isinstance(t, RandAugment) else ():
             if op.name.startswith("Posterize"):
