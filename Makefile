@@ -6,7 +6,7 @@ VENV ?= $(HOME)/.cache/dinossl/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-mae test bench clean
 
 setup: $(VENV)/.installed
 
@@ -15,14 +15,22 @@ $(VENV)/.installed:
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
+# DINO on the embedded data, then k-NN of the trained teacher against a random backbone.
 demo: setup
-	$(PY) main_dino.py --config demo --output_dir $(DEMO_DIR)
+	PYTHON=$(PY) bash training_scripts/demo.sh $(DEMO_DIR)
+
+# MAE pretraining on the embedded data, then fine-tuning from it.
+demo-mae: setup
+	$(PY) main_pretrain_mae.py --config demo --output_dir $(DEMO_DIR)/mae
+	$(PY) main_finetune.py --config demo --finetune $(DEMO_DIR)/mae/checkpoint.pth --output_dir $(DEMO_DIR)/finetune
 
 test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) bench/bench_dino.py
+	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_mae.py
 
 clean:
 	rm -rf runs .pytest_cache

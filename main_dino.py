@@ -18,15 +18,15 @@ from tqdm import tqdm
 
 from core import distributed as dist
 from core.augment import DataAugmentationDINO
-from core.checkpoint import restart_from_checkpoint, rng_state, save_checkpoint
+from core.checkpoint import check_writable, restart_from_checkpoint, rng_state, save_checkpoint
 from core.config import bool_flag, parse_args
 from core.data import ImageDataset, build_loader
 from core.device import autocast, make_grad_scaler, resolve_device, resolve_precision
 from core.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradients_last_layer, clip_gradients, ema_update,
                        has_batchnorms)
 from core.errors import UserError, run_cli
-from core.log import append_json_line, setup_logger
-from core.optim import OPTIMIZERS, build_optimizer, param_groups
+from core.log import append_json_line, epoch_totals, setup_logger
+from core.optim import OPTIMIZERS, apply_gradients, build_optimizer, param_groups
 from core.schedule import cosine_schedule
 from core.synthetic import ensure_default_data
 from core.vision_transformer import build_vit
@@ -93,16 +93,6 @@ def get_args_parser():
     return p
 
 
-def check_output_dir(path):
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output folder {path} is not writable ({e.strerror}): choose another --output_dir")
-
-
 def build_models(args, device):
     student = build_vit(args.arch, args.patch_size, drop_path_rate=args.drop_path_rate,
                         img_size=args.global_crops_size)
@@ -126,7 +116,7 @@ def main(args):
     precision = resolve_precision(device, args.precision)
     log = setup_logger()
     output_dir = Path(args.output_dir)
-    check_output_dir(output_dir)
+    check_writable(output_dir)
     if args.accum_iter < 1:
         raise UserError(f"--accum_iter must be at least 1, got {args.accum_iter}")
     # One seed for every process (as the original), so that student and teacher start identical everywhere;
@@ -195,6 +185,13 @@ def main(args):
     return output_dir
 
 
+def clip_and_freeze(student, epoch, args):
+    """DINO's gradient surgery between backward and step: per-parameter clipping, then the frozen output layer."""
+    if args.clip_grad:
+        clip_gradients(student, args.clip_grad)
+    cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+
+
 def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer, scaler, schedules, epoch,
                     steps_per_epoch, device, precision, args, ckpt_path):
     student_ddp.train()
@@ -233,17 +230,7 @@ def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer,
         n_loss += 1
         if not last_micro:
             continue
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if args.clip_grad:
-            clip_gradients(student, args.clip_grad)
-        cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(optimizer, scaler, lambda: clip_and_freeze(student, epoch, args))
         ema_update(teacher, student, float(schedules["momentum"][it]))
         dino_loss.update_center()
         now = time.perf_counter()
@@ -253,13 +240,10 @@ def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer,
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{schedules['lr'][it]:.2e}", wd=f"{schedules['wd'][it]:.3f}",
                         mom=f"{schedules['momentum'][it]:.4f}", img_s=f"{samples_per_s:.1f}")
     bar.close()
-    stats = torch.tensor([total_loss, n_loss, n_bad], dtype=torch.float64, device=device)
-    stats = dist.all_reduce_sum(stats).tolist()
-    if stats[2]:
-        setup_logger().warning(f"epoch {epoch}: skipped {int(stats[2])} image(s) that could not be decoded")
+    loss, n_bad = epoch_totals(total_loss, n_loss, n_bad, device, epoch)
     last_it = (epoch + 1) * steps_per_epoch - 1
-    return {"loss": stats[0] / max(stats[1], 1), "lr": float(schedules["lr"][last_it]),
-            "wd": float(schedules["wd"][last_it]), "skipped_images": int(stats[2])}
+    return {"loss": loss, "lr": float(schedules["lr"][last_it]), "wd": float(schedules["wd"][last_it]),
+            "skipped_images": n_bad}
 
 
 if __name__ == "__main__":

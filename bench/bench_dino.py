@@ -28,7 +28,7 @@ from core.device import (autocast, make_grad_scaler, peak_memory_bytes, resolve_
                          synchronize)
 from core.dino import DINOHead, DINOLoss, MultiCropWrapper, clip_gradients, ema_update  # noqa: E402
 from core.errors import UserError, run_cli  # noqa: E402
-from core.optim import build_optimizer, param_groups  # noqa: E402
+from core.optim import apply_gradients, build_optimizer, param_groups  # noqa: E402
 from core.vision_transformer import build_vit  # noqa: E402
 
 PATHS = ("ours", "baseline")
@@ -118,15 +118,7 @@ def measure(args, path):
                 teacher_output = teacher(crops[:2])
             loss = loss_fn(student(crops), teacher_output, 0)
         (scaler.scale(loss) if scaler else loss).backward()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        clip_gradients(student, 3.0)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(optimizer, scaler, lambda: clip_gradients(student, 3.0))
         ema(teacher, student, 0.996)
         loss_fn.update_center()
 
@@ -138,6 +130,11 @@ def measure(args, path):
     if path == "ours" and args.compile:
         student.backbone = torch.compile(student.backbone)
         teacher.backbone = torch.compile(teacher.backbone)
+    return time_steps(step, args, device, precision, rss_before, flops)
+
+
+def time_steps(step, args, device, precision, rss_before, flops):
+    """Run --warmup untimed then --steps timed calls of step; samples/s, step time and this process's peak memory."""
     for _ in range(args.warmup):
         step()
     synchronize(device)

@@ -1,5 +1,7 @@
 """DINO multi-crop augmentation, MAE pretraining and fine-tuning views (the latter by timm, as the original) and the
 evaluation transform; our own transforms run on uint8 image tensors for speed."""
+import math
+
 import torch
 from PIL import ImageOps
 from torchvision.transforms import v2
@@ -10,7 +12,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BICUBIC = v2.InterpolationMode.BICUBIC
-BLUR_KERNEL = 13
+BLUR_SIGMA = (0.1, 2.0)
 
 
 def to_normalized():
@@ -18,13 +20,16 @@ def to_normalized():
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD), v2.ToPureTensor()]
 
 
-def gaussian_blur(p):
-    """Blur with sigma ~ U(0.1, 2.0) applied with probability p, as in DINO's utils.GaussianBlur.
+def gaussian_blur(p, scale=1.0):
+    """Blur with sigma ~ U(0.1, 2.0) * scale applied with probability p, as in DINO's utils.GaussianBlur.
 
-    DINO blurs with PIL's GaussianBlur(radius=sigma), whose support reaches about 3 sigma each side; a fixed
-    kernel of 13 taps covers +-3 sigma at the largest sigma (2.0), and for smaller sigma the extra taps are ~0.
+    DINO's sigmas are pixels of a 224 px crop: `scale` (crop side / 224) keeps the same relative blur on smaller
+    crops, so 64 px images are not blurred beyond recognition; at the recipe's sizes scale is 1. PIL's
+    GaussianBlur(radius=sigma), which DINO uses, reaches about 3 sigma each side: the kernel covers that (13 taps
+    at scale 1), and for smaller sigma the extra taps are ~0.
     """
-    blur = v2.GaussianBlur(BLUR_KERNEL, sigma=(0.1, 2.0))
+    kernel = 2 * math.ceil(3 * BLUR_SIGMA[1] * scale) + 1
+    blur = v2.GaussianBlur(kernel, sigma=(BLUR_SIGMA[0] * scale, BLUR_SIGMA[1] * scale))
     return blur if p >= 1.0 else v2.RandomApply([blur], p=p)
 
 
@@ -44,12 +49,14 @@ class DataAugmentationDINO:
             return [v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True)]
 
         self.local_crops_number = local_crops_number
+        blur_scale = global_size / 224
         self.global1 = v2.Compose(crop(global_size, global_crops_scale) + flip_and_color_jitter()
-                                  + [gaussian_blur(1.0)] + to_normalized())
+                                  + [gaussian_blur(1.0, blur_scale)] + to_normalized())
         self.global2 = v2.Compose(crop(global_size, global_crops_scale) + flip_and_color_jitter()
-                                  + [gaussian_blur(0.1), v2.RandomSolarize(threshold=128, p=0.2)] + to_normalized())
+                                  + [gaussian_blur(0.1, blur_scale), v2.RandomSolarize(threshold=128, p=0.2)]
+                                  + to_normalized())
         self.local = v2.Compose(crop(local_size, local_crops_scale) + flip_and_color_jitter()
-                                + [gaussian_blur(0.5)] + to_normalized())
+                                + [gaussian_blur(0.5, blur_scale)] + to_normalized())
 
     def __call__(self, image):
         crops = [self.global1(image), self.global2(image)]
@@ -78,8 +85,8 @@ def mae_pretrain_transform(input_size=224):
 
 
 def posterize(img, bits_to_keep, **_):
-    """timm's posterize, also at 0 bits (RandAugment's top magnitude): Pillow 12+ refuses them, older Pillow, with
-    which the recipe was run, returned a black image."""
+    """timm's posterize, also at 0 bits (RandAugment's top magnitude): recent Pillow (13 here) refuses them, the
+    older Pillow the recipe ran with returned a black image."""
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
@@ -103,9 +110,10 @@ def finetune_transform(input_size=224, auto_augment="rand-m9-mstd0.5-inc1", re_p
     except AssertionError as e:
         raise UserError(f"--aa {auto_augment}: {e}; use a timm policy such as rand-m9-mstd0.5-inc1, or none") from e
     for t in transform.transforms:
-        for op in t.ops if isinstance(t, RandAugment) else ():
-            if op.name.startswith("Posterize"):
-                op.aug_fn = posterize
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = posterize
     return transform
 
 

@@ -41,6 +41,20 @@ def save_checkpoint(obj, path, write=None):
         raise
 
 
+def check_writable(folder):
+    """Fail at start-up, not after an epoch of training, when the output folder cannot take files.
+
+    The probe file is unique per process, so ranks sharing a folder never delete each other's probe.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test."):
+            pass
+    except OSError as e:
+        raise UserError(f"output folder {folder} is not writable ({e.strerror}): choose another --output_dir")
+
+
 def load_file(path):
     path = Path(path)
     if not path.is_file():
@@ -124,7 +138,7 @@ def extract_backbone(ckpt, checkpoint_key="teacher"):
     """The backbone's state dict from a full training checkpoint or a backbone-only file.
 
     Full DINO checkpoints hold `student`/`teacher` with `module.` and `backbone.` prefixes and a projection head, which
-    is dropped; MAE and fine-tuning files hold `model`, linear-eval files `state_dict`.
+    is dropped; MAE and fine-tuning files hold `model` (an MAE decoder is dropped), linear-eval files `state_dict`.
     """
     if not isinstance(ckpt, dict):
         raise UserError("checkpoint is not a state dict: expected a dict of tensors or a training checkpoint")
@@ -138,7 +152,10 @@ def extract_backbone(ckpt, checkpoint_key="teacher"):
         sd = ckpt
     if any(k.startswith(("backbone.", "module.backbone.")) for k in sd):
         sd = {k: v for k, v in sd.items() if k.startswith(("backbone.", "module.backbone."))}
-    return from_timm_layout(strip_prefixes(sd))
+    sd = strip_prefixes(sd)
+    if any(k.startswith("decoder_") for k in sd):  # an MAE with its decoder: the encoder is the backbone
+        sd = {k: v for k, v in sd.items() if not k.startswith("decoder_") and k != "mask_token"}
+    return from_timm_layout(sd)
 
 
 def from_timm_layout(sd):

@@ -1,5 +1,6 @@
 """Image datasets (ImageFolder tree or flat folder) whose unreadable files are skipped and counted, and loaders."""
 import os
+import random
 import warnings
 from pathlib import Path
 
@@ -80,9 +81,17 @@ class ImageDataset(torch.utils.data.Dataset):
         on the number of workers or processes, and a resumed run sees exactly the crops it would have seen."""
         if self.seed is None:
             return self.transform(image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
-            return self.transform(image)
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        numpy_state, python_state = np.random.get_state(), random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):  # timm's transforms also draw from numpy and random
+                torch.manual_seed(seed)
+                np.random.seed(seed)
+                random.seed(seed)
+                return self.transform(image)
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
 
 
 def collate_skip_bad(batch):

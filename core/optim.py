@@ -95,13 +95,13 @@ def set_lr(optimizer, lr):
         group["lr"] = float(lr) * group.get("lr_scale", 1.0)
 
 
-def apply_gradients(optimizer, scaler=None, parameters=None, clip_grad=None):
-    """One optimizer step after the micro-batches' backward passes, as MAE's NativeScaler: unscale fp16 gradients,
-    clip their total norm when asked, step, and clear them."""
+def apply_gradients(optimizer, scaler=None, before_step=None):
+    """One optimizer step after the micro-batches' backward passes: unscale fp16 gradients, run `before_step` on
+    the true gradients (clipping, freezing), step, and clear them."""
     if scaler is not None:
         scaler.unscale_(optimizer)
-    if clip_grad:
-        torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+    if before_step is not None:
+        before_step()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

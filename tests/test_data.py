@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import core.synthetic as synthetic
-from core.augment import BLUR_KERNEL, IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, eval_transform
+from core.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, eval_transform, gaussian_blur
 from core.data import ImageDataset, build_loader, collate_skip_bad
 from core.errors import UserError
 
@@ -93,11 +93,15 @@ def test_blur_probabilities_per_view():
                 blurs.append((t.p, t.transforms[0]))
     assert [p for p, _ in blurs] == [1.0, 0.1, 0.5]
     assert all(b.sigma == [0.1, 2.0] for _, b in blurs)
+    # Smaller crops keep the same blur relative to the crop: sigma in pixels scales with global_size / 224.
+    small = DataAugmentationDINO(global_size=64, local_size=32).global1.transforms
+    blur = next(t for t in small if isinstance(t, v2.GaussianBlur))
+    assert blur.sigma == pytest.approx([0.1 * 64 / 224, 2.0 * 64 / 224]) and tuple(blur.kernel_size) == (5, 5)
 
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
 def test_blur_kernel_matches_pil_radius(sigma):
-    """DINO blurs with PIL's GaussianBlur(radius=sigma); our fixed kernel must reproduce it up to rounding."""
+    """DINO blurs with PIL's GaussianBlur(radius=sigma); our kernel (at the recipe's 224 px) must match it."""
     image = random_image(2, size=(12, 12)).resize((60, 60), Image.NEAREST)
     ref = np.asarray(image.filter(ImageFilter.GaussianBlur(radius=sigma)), dtype=float)
     tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
@@ -106,7 +110,9 @@ def test_blur_kernel_matches_pil_radius(sigma):
         out = TF.gaussian_blur(tensor, [kernel, kernel], [sigma, sigma]).permute(1, 2, 0).numpy()
         return np.abs(out - ref)[8:-8, 8:-8].mean()
 
-    assert error(BLUR_KERNEL) < 1.0
+    blur = gaussian_blur(1.0)
+    assert blur.sigma == [0.1, 2.0]
+    assert error(blur.kernel_size[0]) < 1.0
     if sigma == 2.0:
         assert error(7) > 3.0  # a kernel covering only 1.5 sigma is visibly wrong
 
