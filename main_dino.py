@@ -6,15 +6,11 @@ multi-crop views. Defaults are the official facebookresearch/dino recipe; `--con
 """
 import argparse
 import contextlib
-import math
 import random
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from core import distributed as dist
 from core.augment import DataAugmentationDINO
@@ -25,7 +21,7 @@ from core.device import autocast, make_grad_scaler, resolve_device, resolve_prec
 from core.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradients_last_layer, clip_gradients, ema_update,
                        has_batchnorms)
 from core.errors import UserError, run_cli
-from core.log import append_json_line, epoch_totals, setup_logger
+from core.log import Progress, append_json_line, check_finite, epoch_totals, setup_logger
 from core.optim import OPTIMIZERS, apply_gradients, build_optimizer, param_groups
 from core.schedule import cosine_schedule
 from core.synthetic import ensure_default_data
@@ -195,10 +191,9 @@ def clip_and_freeze(student, epoch, args):
 def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer, scaler, schedules, epoch,
                     steps_per_epoch, device, precision, args, ckpt_path):
     student_ddp.train()
-    total_loss, n_loss, n_bad, step_start = 0.0, 0, 0, time.perf_counter()
+    total_loss, n_loss, n_bad = 0.0, 0, 0
     micro_batches = steps_per_epoch * args.accum_iter
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not dist.is_main_process(), leave=False,
-               dynamic_ncols=True, file=sys.stdout)
+    progress = Progress(steps_per_epoch, epoch, args.batch_size_per_gpu * args.accum_iter)
     for i, (crops, _, bad) in enumerate(loader):
         if i >= micro_batches:
             break
@@ -221,9 +216,7 @@ def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer,
                 student_output = student_ddp(crops)
                 loss = dino_loss(student_output, teacher_output, epoch)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise UserError(f"loss is {loss_value} at iteration {it} (epoch {epoch}): stopped; the last good "
-                                f"checkpoint {ckpt_path} is intact. Lower --lr, clip gradients or use fp32/bf16")
+            check_finite(loss_value, it, epoch, ckpt_path, "Lower --lr, clip gradients or use fp32/bf16")
             loss = loss / args.accum_iter
             (scaler.scale(loss) if scaler else loss).backward()
         total_loss += loss_value
@@ -233,13 +226,9 @@ def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer,
         apply_gradients(optimizer, scaler, lambda: clip_and_freeze(student, epoch, args))
         ema_update(teacher, student, float(schedules["momentum"][it]))
         dino_loss.update_center()
-        now = time.perf_counter()
-        samples_per_s = args.batch_size_per_gpu * args.accum_iter * dist.get_world_size() / (now - step_start)
-        step_start = now
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{schedules['lr'][it]:.2e}", wd=f"{schedules['wd'][it]:.3f}",
-                        mom=f"{schedules['momentum'][it]:.4f}", img_s=f"{samples_per_s:.1f}")
-    bar.close()
+        progress.step(loss=f"{loss_value:.4f}", lr=f"{schedules['lr'][it]:.2e}", wd=f"{schedules['wd'][it]:.3f}",
+                        mom=f"{schedules['momentum'][it]:.4f}")
+    progress.close()
     loss, n_bad = epoch_totals(total_loss, n_loss, n_bad, device, epoch)
     last_it = (epoch + 1) * steps_per_epoch - 1
     return {"loss": loss, "lr": float(schedules["lr"][last_it]), "wd": float(schedules["wd"][last_it]),

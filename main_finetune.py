@@ -8,10 +8,7 @@ checkpoints, official MAE/DINO files or timm state dicts; `--eval` reports top-1
 """
 import argparse
 import contextlib
-import math
 import random
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,6 @@ import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from tqdm import tqdm
 
 from core import distributed as dist
 from core.augment import eval_resize, eval_transform, finetune_transform
@@ -29,7 +25,7 @@ from core.config import parse_args
 from core.data import ImageDataset, build_loader
 from core.device import autocast, make_grad_scaler, resolve_device, resolve_precision
 from core.errors import UserError, run_cli
-from core.log import append_json_line, epoch_totals, setup_logger
+from core.log import Progress, append_json_line, check_finite, epoch_totals, setup_logger
 from core.mae import is_decoder_key
 from core.optim import apply_gradients, build_optimizer, param_groups_layer_decay, set_lr
 from core.schedule import cosine_schedule
@@ -311,9 +307,8 @@ def main(args):
 def train_one_epoch(model_ddp, model, criterion, mixup_fn, loader, optimizer, scaler, lr_schedule, epoch,
                     steps_per_epoch, device, precision, args, ckpt_path):
     model_ddp.train()
-    total_loss, n_loss, n_bad, step_start = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not dist.is_main_process(), leave=False,
-               dynamic_ncols=True, file=sys.stdout)
+    total_loss, n_loss, n_bad = 0.0, 0, 0
+    progress = Progress(steps_per_epoch, epoch, args.batch_size * args.accum_iter)
     for i, (samples, targets, bad) in enumerate(loader):
         if i >= steps_per_epoch * args.accum_iter:
             break
@@ -334,9 +329,7 @@ def train_one_epoch(model_ddp, model, criterion, mixup_fn, loader, optimizer, sc
             with autocast(device, precision):
                 loss = criterion(model_ddp(samples), targets)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise UserError(f"loss is {loss_value} at iteration {it} (epoch {epoch}): stopped; the last good "
-                                f"checkpoint {ckpt_path} is intact. Lower --blr, set --clip_grad or use fp32/bf16")
+            check_finite(loss_value, it, epoch, ckpt_path, "Lower --blr, set --clip_grad or use fp32/bf16")
             loss = loss / args.accum_iter
             (scaler.scale(loss) if scaler else loss).backward()
         total_loss += loss_value
@@ -345,12 +338,8 @@ def train_one_epoch(model_ddp, model, criterion, mixup_fn, loader, optimizer, sc
             continue
         clip = (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)) if args.clip_grad else None
         apply_gradients(optimizer, scaler, clip)
-        now = time.perf_counter()
-        samples_per_s = args.batch_size * args.accum_iter * dist.get_world_size() / (now - step_start)
-        step_start = now
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_schedule[it]:.2e}", img_s=f"{samples_per_s:.1f}")
-    bar.close()
+        progress.step(loss=f"{loss_value:.4f}", lr=f"{lr_schedule[it]:.2e}")
+    progress.close()
     loss, n_bad = epoch_totals(total_loss, n_loss, n_bad, device, epoch)
     return {"loss": loss, "lr": float(lr_schedule[(epoch + 1) * steps_per_epoch - 1]), "skipped_images": n_bad}
 

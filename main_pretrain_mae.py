@@ -7,15 +7,11 @@ from configs.yml (section main_pretrain_mae).
 """
 import argparse
 import contextlib
-import math
 import random
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from core import distributed as dist
 from core.augment import mae_pretrain_transform
@@ -24,7 +20,7 @@ from core.config import parse_args
 from core.data import ImageDataset, build_loader
 from core.device import autocast, make_grad_scaler, resolve_device, resolve_precision
 from core.errors import UserError, run_cli
-from core.log import append_json_line, epoch_totals, setup_logger
+from core.log import Progress, append_json_line, check_finite, epoch_totals, setup_logger
 from core.mae import build_mae, check_mask_ratio, sample_images, save_reconstruction
 from core.optim import apply_gradients, build_optimizer, param_groups, set_lr
 from core.schedule import cosine_schedule
@@ -163,9 +159,8 @@ def main(args):
 def train_one_epoch(model_ddp, model, loader, optimizer, scaler, lr_schedule, epoch, steps_per_epoch, device,
                     precision, args, ckpt_path):
     model_ddp.train()
-    total_loss, n_loss, n_bad, step_start = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not dist.is_main_process(), leave=False,
-               dynamic_ncols=True, file=sys.stdout)
+    total_loss, n_loss, n_bad = 0.0, 0, 0
+    progress = Progress(steps_per_epoch, epoch, args.batch_size * args.accum_iter)
     for i, (imgs, _, bad) in enumerate(loader):
         if i >= steps_per_epoch * args.accum_iter:
             break
@@ -181,9 +176,7 @@ def train_one_epoch(model_ddp, model, loader, optimizer, scaler, lr_schedule, ep
             with autocast(device, precision):
                 loss = model_ddp(imgs.to(device, non_blocking=True), args.mask_ratio)[0]
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise UserError(f"loss is {loss_value} at iteration {it} (epoch {epoch}): stopped; the last good "
-                                f"checkpoint {ckpt_path} is intact. Lower --blr or use fp32/bf16")
+            check_finite(loss_value, it, epoch, ckpt_path, "Lower --blr or use fp32/bf16")
             loss = loss / args.accum_iter
             (scaler.scale(loss) if scaler else loss).backward()
         total_loss += loss_value
@@ -191,12 +184,8 @@ def train_one_epoch(model_ddp, model, loader, optimizer, scaler, lr_schedule, ep
         if not last_micro:
             continue
         apply_gradients(optimizer, scaler)
-        now = time.perf_counter()
-        samples_per_s = args.batch_size * args.accum_iter * dist.get_world_size() / (now - step_start)
-        step_start = now
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_schedule[it]:.2e}", img_s=f"{samples_per_s:.1f}")
-    bar.close()
+        progress.step(loss=f"{loss_value:.4f}", lr=f"{lr_schedule[it]:.2e}")
+    progress.close()
     loss, n_bad = epoch_totals(total_loss, n_loss, n_bad, device, epoch)
     return {"loss": loss, "lr": float(lr_schedule[(epoch + 1) * steps_per_epoch - 1]), "skipped_images": n_bad}
 
