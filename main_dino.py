@@ -5,7 +5,6 @@ multi-crop views. Defaults are the official facebookresearch/dino recipe; `--con
     torchrun --nproc_per_node 8 main_dino.py --config vit_small_pod16 ...      # many
 """
 import argparse
-import contextlib
 import random
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from core import distributed as dist
 from core.augment import DataAugmentationDINO
 from core.checkpoint import check_writable, restart_from_checkpoint, rng_state, save_checkpoint
 from core.config import bool_flag, parse_args
-from core.data import ImageDataset, build_loader
+from core.data import ImageDataset, MicroBatches, build_loader
 from core.device import autocast, make_grad_scaler, resolve_device, resolve_precision
 from core.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradients_last_layer, clip_gradients, ema_update,
                        has_batchnorms)
@@ -191,25 +190,17 @@ def clip_and_freeze(student, epoch, args):
 def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer, scaler, schedules, epoch,
                     steps_per_epoch, device, precision, args, ckpt_path):
     student_ddp.train()
-    total_loss, n_loss, n_bad = 0.0, 0, 0
-    micro_batches = steps_per_epoch * args.accum_iter
+    total_loss, n_loss = 0.0, 0
     progress = Progress(steps_per_epoch, epoch, args.batch_size_per_gpu * args.accum_iter)
-    for i, (crops, _, bad) in enumerate(loader):
-        if i >= micro_batches:
-            break
-        n_bad += bad
-        if crops is None:
-            continue
-        it = epoch * steps_per_epoch + i // args.accum_iter
-        if i % args.accum_iter == 0:
+    batches = MicroBatches(loader, steps_per_epoch, args.accum_iter, epoch)
+    for it, first_micro, last_micro, (crops, _) in batches:
+        if first_micro:
             for group in optimizer.param_groups:
                 group["lr"] = float(schedules["lr"][it])
                 if group["apply_wd"]:
                     group["weight_decay"] = float(schedules["wd"][it])
         crops = [c.to(device, non_blocking=True) for c in crops]
-        last_micro = (i + 1) % args.accum_iter == 0
-        sync = contextlib.nullcontext() if last_micro or student_ddp is student else student_ddp.no_sync()
-        with sync:
+        with dist.sync_unless(student_ddp, last_micro):
             with autocast(device, precision):
                 with torch.no_grad():
                     teacher_output = teacher(crops[:2])
@@ -227,9 +218,9 @@ def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer,
         ema_update(teacher, student, float(schedules["momentum"][it]))
         dino_loss.update_center()
         progress.step(loss=f"{loss_value:.4f}", lr=f"{schedules['lr'][it]:.2e}", wd=f"{schedules['wd'][it]:.3f}",
-                        mom=f"{schedules['momentum'][it]:.4f}")
+                      mom=f"{schedules['momentum'][it]:.4f}")
     progress.close()
-    loss, n_bad = epoch_totals(total_loss, n_loss, n_bad, device, epoch)
+    loss, n_bad = epoch_totals(total_loss, n_loss, batches.n_bad, device, epoch)
     last_it = (epoch + 1) * steps_per_epoch - 1
     return {"loss": loss, "lr": float(schedules["lr"][last_it]), "wd": float(schedules["wd"][last_it]),
             "skipped_images": n_bad}

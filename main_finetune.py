@@ -7,7 +7,6 @@ checkpoints, official MAE/DINO files or timm state dicts; `--eval` reports top-1
         --data_path /imagenet --output_dir runs/ft_b16                               # train/ and val/ folders
 """
 import argparse
-import contextlib
 import random
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from core.augment import eval_resize, eval_transform, finetune_transform
 from core.checkpoint import (check_state_dict, check_writable, extract_backbone, load_file, restart_from_checkpoint,
                              rng_state, save_checkpoint)
 from core.config import parse_args
-from core.data import ImageDataset, build_loader
+from core.data import ImageDataset, MicroBatches, build_loader
 from core.device import autocast, make_grad_scaler, resolve_device, resolve_precision
 from core.errors import UserError, run_cli
 from core.log import Progress, append_json_line, check_finite, epoch_totals, setup_logger
@@ -307,25 +306,18 @@ def main(args):
 def train_one_epoch(model_ddp, model, criterion, mixup_fn, loader, optimizer, scaler, lr_schedule, epoch,
                     steps_per_epoch, device, precision, args, ckpt_path):
     model_ddp.train()
-    total_loss, n_loss, n_bad = 0.0, 0, 0
+    total_loss, n_loss = 0.0, 0
     progress = Progress(steps_per_epoch, epoch, args.batch_size * args.accum_iter)
-    for i, (samples, targets, bad) in enumerate(loader):
-        if i >= steps_per_epoch * args.accum_iter:
-            break
-        n_bad += bad
-        if samples is None:
-            continue
-        it = epoch * steps_per_epoch + i // args.accum_iter
-        if i % args.accum_iter == 0:
+    batches = MicroBatches(loader, steps_per_epoch, args.accum_iter, epoch)
+    for it, first_micro, last_micro, (samples, targets) in batches:
+        if first_micro:
             set_lr(optimizer, lr_schedule[it])
         samples, targets = samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             if len(samples) % 2:  # a skipped image left an odd batch, which timm's Mixup cannot pair
                 samples, targets = samples[:-1], targets[:-1]
             samples, targets = mixup_fn(samples, targets)
-        last_micro = (i + 1) % args.accum_iter == 0
-        sync = contextlib.nullcontext() if last_micro or model_ddp is model else model_ddp.no_sync()
-        with sync:
+        with dist.sync_unless(model_ddp, last_micro):
             with autocast(device, precision):
                 loss = criterion(model_ddp(samples), targets)
             loss_value = loss.item()
@@ -340,7 +332,7 @@ def train_one_epoch(model_ddp, model, criterion, mixup_fn, loader, optimizer, sc
         apply_gradients(optimizer, scaler, clip)
         progress.step(loss=f"{loss_value:.4f}", lr=f"{lr_schedule[it]:.2e}")
     progress.close()
-    loss, n_bad = epoch_totals(total_loss, n_loss, n_bad, device, epoch)
+    loss, n_bad = epoch_totals(total_loss, n_loss, batches.n_bad, device, epoch)
     return {"loss": loss, "lr": float(lr_schedule[(epoch + 1) * steps_per_epoch - 1]), "skipped_images": n_bad}
 
 

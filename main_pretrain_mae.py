@@ -6,7 +6,6 @@ from configs.yml (section main_pretrain_mae).
     torchrun --nproc_per_node 8 main_pretrain_mae.py --config mae_base_pod16 --data_path /imagenet/train ...
 """
 import argparse
-import contextlib
 import random
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from core import distributed as dist
 from core.augment import mae_pretrain_transform
 from core.checkpoint import check_writable, restart_from_checkpoint, rng_state, save_checkpoint
 from core.config import parse_args
-from core.data import ImageDataset, build_loader
+from core.data import ImageDataset, MicroBatches, build_loader
 from core.device import autocast, make_grad_scaler, resolve_device, resolve_precision
 from core.errors import UserError, run_cli
 from core.log import Progress, append_json_line, check_finite, epoch_totals, setup_logger
@@ -159,20 +158,13 @@ def main(args):
 def train_one_epoch(model_ddp, model, loader, optimizer, scaler, lr_schedule, epoch, steps_per_epoch, device,
                     precision, args, ckpt_path):
     model_ddp.train()
-    total_loss, n_loss, n_bad = 0.0, 0, 0
+    total_loss, n_loss = 0.0, 0
     progress = Progress(steps_per_epoch, epoch, args.batch_size * args.accum_iter)
-    for i, (imgs, _, bad) in enumerate(loader):
-        if i >= steps_per_epoch * args.accum_iter:
-            break
-        n_bad += bad
-        if imgs is None:
-            continue
-        it = epoch * steps_per_epoch + i // args.accum_iter
-        if i % args.accum_iter == 0:
+    batches = MicroBatches(loader, steps_per_epoch, args.accum_iter, epoch)
+    for it, first_micro, last_micro, (imgs, _) in batches:
+        if first_micro:
             set_lr(optimizer, lr_schedule[it])
-        last_micro = (i + 1) % args.accum_iter == 0
-        sync = contextlib.nullcontext() if last_micro or model_ddp is model else model_ddp.no_sync()
-        with sync:
+        with dist.sync_unless(model_ddp, last_micro):
             with autocast(device, precision):
                 loss = model_ddp(imgs.to(device, non_blocking=True), args.mask_ratio)[0]
             loss_value = loss.item()
@@ -186,7 +178,7 @@ def train_one_epoch(model_ddp, model, loader, optimizer, scaler, lr_schedule, ep
         apply_gradients(optimizer, scaler)
         progress.step(loss=f"{loss_value:.4f}", lr=f"{lr_schedule[it]:.2e}")
     progress.close()
-    loss, n_bad = epoch_totals(total_loss, n_loss, n_bad, device, epoch)
+    loss, n_bad = epoch_totals(total_loss, n_loss, batches.n_bad, device, epoch)
     return {"loss": loss, "lr": float(lr_schedule[(epoch + 1) * steps_per_epoch - 1]), "skipped_images": n_bad}
 
 

@@ -121,3 +121,23 @@ def build_loader(dataset, batch_size, num_workers=None, shuffle=True, drop_last=
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                       collate_fn=collate_skip_bad)
+
+
+class MicroBatches:
+    """An epoch's micro-batches as (iteration, first, last, batch), where iteration counts optimizer steps and
+    first/last mark a step's first and last micro-batch; trailing micro-batches of an incomplete step are left out.
+    Batches with no readable image are skipped, and `n_bad` counts the undecodable images."""
+
+    def __init__(self, loader, steps_per_epoch, accum_iter, epoch):
+        self.loader, self.steps, self.accum, self.epoch = loader, steps_per_epoch, accum_iter, epoch
+        self.n_bad = 0
+
+    def __iter__(self):
+        for i, (samples, targets, bad) in enumerate(self.loader):
+            if i >= self.steps * self.accum:
+                break
+            self.n_bad += bad
+            if samples is None:
+                continue
+            it = self.epoch * self.steps + i // self.accum
+            yield it, i % self.accum == 0, (i + 1) % self.accum == 0, (samples, targets)

@@ -1,4 +1,5 @@
 """torch.distributed set-up that works as one plain process, under torchrun (env://) and under SLURM."""
+import contextlib
 import os
 import subprocess
 
@@ -92,6 +93,13 @@ def maybe_ddp(model, device):
         return model
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def sync_unless(model_ddp, last_micro):
+    """DDP's no_sync for all but a step's last micro-batch, so gradients are all-reduced once per step."""
+    if last_micro or not isinstance(model_ddp, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model_ddp.no_sync()
 
 
 def unwrap(model):
