@@ -50,7 +50,8 @@ def get_args_parser():
     p.add_argument("--warmup_teacher_temp_epochs", default=0, type=int, help="Epochs of teacher temperature warm-up.")
     # Optimisation
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="Mixed precision: auto is fp16 with loss scaling on CUDA (the recipe's use_fp16) and fp32 on CPU.")
+                   help="Mixed precision: auto is fp16 with loss scaling on CUDA (the recipe's use_fp16), fp32 on "
+                        "CPU.")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "hpu", "ipu"],
                    help="auto picks CUDA when present, else CPU; hpu/ipu need their vendor packages.")
     p.add_argument("--weight_decay", default=0.04, type=float, help="Initial weight decay (not on biases and norms).")
