@@ -104,15 +104,6 @@ class MaskedAutoencoderViT(VisionTransformer):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    @property
-    def fused_attn(self):
-        return self.blocks[0].attn.fused_attn
-
-    @fused_attn.setter
-    def fused_attn(self, value):
-        for blk in list(self.blocks) + list(getattr(self, "decoder_blocks", [])):
-            blk.attn.fused_attn = value
-
     def check_input(self, imgs):
         if tuple(imgs.shape[-2:]) != tuple(g * self.patch_size for g in self.patch_embed.grid_size):
             raise UserError(f"MAE input of {tuple(imgs.shape[-2:])} px does not match the model's "

@@ -178,8 +178,10 @@ class VisionTransformer(nn.Module):
 
     @fused_attn.setter
     def fused_attn(self, value):
-        for blk in self.blocks:
-            blk.attn.fused_attn = value
+        """Switch every attention layer, including those a subclass adds (the MAE decoder)."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fused_attn = value
 
     def no_weight_decay(self):
         """Token and position parameters excluded from weight decay by MAE fine-tuning's param groups."""
