@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from core import distributed as dist
@@ -23,7 +22,7 @@ from core.augment import eval_transform, linear_train_transform
 from core.checkpoint import (check_state_dict, load_file, restart_from_checkpoint, rng_state, save_checkpoint,
                              strip_prefixes)
 from core.config import bool_flag, parse_args
-from core.data import collate_skip_bad
+from core.data import build_loader
 from core.device import autocast
 from core.errors import UserError, run_cli
 from core.features import (add_eval_args, block_features, build_backbone, extract_features, init_eval,
@@ -151,17 +150,6 @@ def image_batches(loader, embed, device, precision):
         yield features.float(), labels
 
 
-def train_loader(dataset, args):
-    """This process's shuffled shard. Workers are not persistent: new ones each epoch are seeded from the global
-    RNG, which the checkpoint restores, so a resumed run draws the same augmentations."""
-    sampler = DistributedSampler(dataset, dist.get_world_size(), dist.get_rank(), shuffle=True, seed=args.seed)
-    if len(sampler) < args.batch_size_per_gpu:
-        raise UserError(f"{dataset.root} gives {len(sampler)} images per process, fewer than the batch size "
-                        f"{args.batch_size_per_gpu}: lower --batch_size_per_gpu or add images")
-    return DataLoader(dataset, args.batch_size_per_gpu, sampler=sampler, num_workers=args.num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=collate_skip_bad)
-
-
 class Data:
     """Training batches (cached features or augmented images through the backbone) and the val features, which a
     frozen backbone and a deterministic transform make constant: they are extracted once, up front."""
@@ -199,7 +187,7 @@ class Data:
                 save_features(args.dump_features, self.train_features, self.val_features, self.train_labels,
                               self.val_labels)
         elif not args.evaluate:
-            self.loader = train_loader(train, args)
+            self.loader = build_loader(train, args.batch_size_per_gpu, args.num_workers, seed=args.seed)
 
     def extract(self, dataset):
         return extract_features(self.embed, dataset, self.device, self.precision, self.args.batch_size_per_gpu,
