@@ -122,15 +122,25 @@ def measure(args, path):
         ema(teacher, student, 0.996)
         loss_fn.update_center()
 
-    flops = None
-    if path == "baseline":  # model FLOPs, the same for both paths, without the recomputation SDPA's backward adds
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops()
+    flops = count_flops(step, student, teacher)
     if path == "ours" and args.compile:
         student.backbone = torch.compile(student.backbone)
         teacher.backbone = torch.compile(teacher.backbone)
     return time_steps(step, args, device, precision, rss_before, flops)
+
+
+def count_flops(step, *models):
+    """Model FLOPs of one step, counted on the explicit attention path (the counter adds SDPA backward's
+    recomputation). Both paths run this untimed step, so their warm-up is the same."""
+    switches = [m for model in models for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    saved = [m.fused_attn for m in switches]
+    for m in switches:
+        m.fused_attn = False
+    with FlopCounterMode(display=False) as counter:
+        step()
+    for m, value in zip(switches, saved):
+        m.fused_attn = value
+    return counter.get_total_flops()
 
 
 def time_steps(step, args, device, precision, rss_before, flops):

@@ -21,9 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench_dino import mfu, peak_rss_bytes, time_steps  # noqa: E402
+from bench_dino import count_flops, mfu, peak_rss_bytes, time_steps  # noqa: E402
 from core.device import autocast, make_grad_scaler, resolve_device, resolve_precision  # noqa: E402
 from core.errors import UserError, run_cli  # noqa: E402
 from core.mae import build_mae, check_mask_ratio, random_masking  # noqa: E402
@@ -105,16 +104,6 @@ def build_step(args, path, device, precision):
     return model, step
 
 
-def count_flops(model, step):
-    """Model FLOPs of one step, counted on the explicit attention path (SDPA kernels are not all counted)."""
-    fused = model.fused_attn
-    model.fused_attn = False
-    with FlopCounterMode(display=False) as counter:
-        step()
-    model.fused_attn = fused
-    return counter.get_total_flops()
-
-
 def measure(args, path):
     """Time one path in this (fresh) process."""
     device = resolve_device(args.device)
@@ -122,7 +111,7 @@ def measure(args, path):
     rss_before = peak_rss_bytes()
     torch.manual_seed(0)
     model, step = build_step(args, path, device, precision)
-    return time_steps(step, args, device, precision, rss_before, count_flops(model, step))
+    return time_steps(step, args, device, precision, rss_before, count_flops(step, model))
 
 
 def ratio(a, b):
