@@ -1,7 +1,7 @@
 # `make demo` and `make test` work on a fresh machine with Python 3.10+ and pip: they create (or reuse) a virtual
-# environment keyed by the hash of requirements.txt, so an unchanged environment is never reinstalled.
+# environment keyed by the hash of requirements.txt and requirements-dev.txt, so an unchanged environment is never reinstalled.
 PYTHON ?= python3
-REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-12)
+REQ_HASH := $(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
 VENV ?= $(HOME)/.cache/dinossl/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $@
 
 # DINO on the embedded data, then k-NN of the trained teacher against a random backbone.
