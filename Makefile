@@ -6,14 +6,19 @@ VENV ?= $(HOME)/.cache/dinossl/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo demo-mae test bench clean
+.PHONY: setup build-ops demo demo-mae test bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed build-ops
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $@
+
+# The optional C++ ops of ema/ and remap/: a failed build says why and the PyTorch fallbacks stay in use.
+build-ops: $(VENV)/.installed
+	-@$(MAKE) --no-print-directory -C ema PYTHON=$(PY)
+	-@$(MAKE) --no-print-directory -C remap PYTHON=$(PY)
 
 # DINO on the embedded data, then k-NN of the trained teacher against a random backbone.
 demo: setup
@@ -31,6 +36,7 @@ bench: setup
 	$(PY) bench/bench_dino.py
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_mae.py
+	$(PY) bench/bench_ema.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache ema/build remap/build

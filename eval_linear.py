@@ -11,6 +11,7 @@ faster; --lr takes several values and trains one head per value in the same pass
 import argparse
 import functools
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,13 +22,13 @@ from core import distributed as dist
 from core.augment import eval_transform, linear_train_transform
 from core.checkpoint import (check_state_dict, load_file, restart_from_checkpoint, rng_state, save_checkpoint,
                              strip_prefixes)
-from core.config import bool_flag, parse_args
+from core.config import add_launcher_args, bool_flag, parse_args
 from core.data import build_loader
 from core.device import autocast
 from core.errors import UserError, run_cli
 from core.features import (add_eval_args, block_features, build_backbone, extract_features, init_eval,
                            labelled_datasets, load_features, save_features)
-from core.log import append_json_line, setup_logger
+from core.log import TensorBoard, append_json_line, setup_logger
 
 CHECKPOINT = "checkpoint.pth.tar"
 
@@ -55,6 +56,10 @@ def get_args_parser():
                    help="Linear head for --evaluate (key state_dict); default: checkpoint.pth.tar in --output_dir.")
     p.add_argument("--cached_features", action="store_true",
                    help="Extract features once (centre crops, no augmentation) and train on them.")
+    p.add_argument("--log_dir", default=None, type=str,
+                   help="Also write TensorBoard scalars per epoch here: train_loss, lr, test_acc1, test_acc5 per "
+                        "--lr value (as lr<value>), images/s (needs the tensorboard package).")
+    add_launcher_args(p)
     return p
 
 
@@ -228,6 +233,7 @@ def evaluate_saved_head(args, data, device, log):
 def main(args):
     device, precision = init_eval(args)
     log = setup_logger()
+    tb = TensorBoard(None if args.evaluate else args.log_dir)
     if args.epochs < 1 or args.val_freq < 1:
         raise UserError("--epochs and --val_freq must be at least 1")
     data = Data(args, device, precision, log)
@@ -254,7 +260,11 @@ def main(args):
         log.info(f"resumed from {output_dir / CHECKPOINT} at epoch {state['epoch']}")
     for epoch in range(state["epoch"], args.epochs):
         lrs = [group["lr"] for group in optimizer.param_groups]
+        start = time.perf_counter()
         losses = train_epoch(heads_ddp, optimizer, data.epoch(epoch), device, data.steps(), epoch)
+        tb.add(epoch, {"images_per_s": data.steps() * data.global_batch / (time.perf_counter() - start),
+                       **{f"train_loss/lr{lr:g}": loss for lr, loss in zip(args.lr, losses)},
+                       **{f"lr/lr{lr:g}": group_lr for lr, group_lr in zip(args.lr, lrs)}})
         scheduler.step()
         record = {"epoch": epoch, "train_lr": lrs,
                   **{f"train_loss_lr{lr:g}": loss for lr, loss in zip(args.lr, losses)}}
@@ -263,6 +273,8 @@ def main(args):
             state["best_index"] = max(range(len(accs)), key=lambda i: accs[i][0])
             state["best_acc"] = max(state["best_acc"], accs[state["best_index"]][0])
             record.update({f"test_acc1_lr{lr:g}": acc[0] for lr, acc in zip(args.lr, accs)})
+            for lr, (top1, top5) in zip(args.lr, accs):
+                tb.add(epoch, {f"test_acc1/lr{lr:g}": top1, f"test_acc5/lr{lr:g}": top5})
             log.info(f"epoch {epoch}: top-1 per lr " + ", ".join(f"{lr:g}: {a[0]:.2f}" for lr, a in zip(args.lr, accs))
                      + f"; max accuracy so far {state['best_acc']:.2f}")
         save = {
@@ -279,6 +291,8 @@ def main(args):
         if dist.is_main_process():
             save_checkpoint(save, output_dir / CHECKPOINT)
             append_json_line(output_dir / "log.txt", record)
+        tb.flush()
+    tb.close()
     best_lr = args.lr[state["best_index"]]
     log.info(f"Training of the supervised linear classifier on frozen features completed.\n"
              f"Top-1 test accuracy: {state['best_acc']:.1f} (best lr {best_lr:g})")

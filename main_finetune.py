@@ -18,13 +18,13 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from core import distributed as dist
 from core.augment import eval_resize, eval_transform, finetune_transform
-from core.checkpoint import (check_state_dict, check_writable, extract_backbone, load_file, restart_from_checkpoint,
-                             rng_state, save_checkpoint)
-from core.config import parse_args
+from core.checkpoint import (check_state_dict, check_writable, extract_backbone, load_file, read_backbone,
+                             resume_run, rng_state, save_checkpoint, use_source_norm_eps)
+from core.config import VIT_MODELS, add_mae_launcher_args, parse_args
 from core.data import ImageDataset, MicroBatches, build_loader
 from core.device import autocast, make_grad_scaler, resolve_device, resolve_precision
 from core.errors import UserError, run_cli
-from core.log import Progress, append_json_line, check_finite, epoch_totals, setup_logger
+from core.log import Progress, TensorBoard, append_json_line, check_finite, epoch_1000x, epoch_totals, setup_logger
 from core.mae import is_decoder_key
 from core.optim import apply_gradients, build_optimizer, param_groups_layer_decay, set_lr
 from core.schedule import cosine_schedule
@@ -45,6 +45,9 @@ def get_args_parser():
     p.add_argument("--accum_iter", default=1, type=int, help="Micro-batches accumulated per optimizer step.")
     # Model
     p.add_argument("--arch", default="vit_large", choices=ARCHS, help="ViT size (official default: ViT-L).")
+    p.add_argument("--model", default=None, type=str,
+                   help=f"The original's model name ({', '.join(VIT_MODELS)}); sets --arch, --patch_size and the "
+                        f"size overrides.")
     p.add_argument("--patch_size", default=16, type=int, help="Patch size in pixels.")
     p.add_argument("--embed_dim", default=None, type=int, help="Override the arch's width (small CPU models).")
     p.add_argument("--depth", default=None, type=int, help="Override the arch's number of blocks.")
@@ -65,7 +68,7 @@ def get_args_parser():
     p.add_argument("--min_lr", default=1e-6, type=float, help="Final learning rate of the cosine schedule.")
     p.add_argument("--warmup_epochs", default=5, type=int, help="Epochs of linear learning-rate warm-up.")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="Mixed precision: auto is fp16 with loss scaling on CUDA and fp32 on CPU.")
+                   help="Mixed precision: auto is bf16 on CUDA (fp16 with loss scaling without bf16), fp32 on CPU.")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "hpu", "ipu"],
                    help="auto picks CUDA when present, else CPU.")
     # Augmentation, mixup and regularisation (timm)
@@ -75,6 +78,9 @@ def get_args_parser():
     p.add_argument("--reprob", default=0.25, type=float, help="Random erasing probability.")
     p.add_argument("--remode", default="pixel", type=str, help="Random erasing mode.")
     p.add_argument("--recount", default=1, type=int, help="Random erasing count.")
+    p.add_argument("--resplit", action="store_true",
+                   help="Accepted for MAE command lines: it applies to augmentation splits, which neither the "
+                        "original nor this script uses, so it changes nothing in either.")
     p.add_argument("--mixup", default=0.8, type=float,
                    help="Mixup alpha, 0 disables (the published recipe's 0.8; the official script's default is 0).")
     p.add_argument("--cutmix", default=1.0, type=float,
@@ -86,12 +92,19 @@ def get_args_parser():
     # Weights
     p.add_argument("--finetune", default="", type=str,
                    help="Start from these weights: our DINO/MAE checkpoints, official MAE/DINO files, timm state "
-                        "dicts. The head is dropped and position embeddings resized; empty: from scratch.")
+                        "dicts, Hugging Face ViT folders, Google ViT .npz. The head is dropped and position embeddings "
+                        "resized; empty: from scratch.")
     p.add_argument("--checkpoint_key", default=None, type=str,
                    help="Entry of --finetune holding the weights; default: model, else teacher, else the file.")
     p.add_argument("--eval", action="store_true",
                    help="Only report top-1/top-5 of --resume (default: OUTPUT_DIR/checkpoint.pth) on the val folder.")
-    p.add_argument("--resume", default="", type=str, help="Checkpoint for --eval.")
+    p.add_argument("--resume", default="", type=str,
+                   help="Checkpoint for --eval; when training, start from it (model; optimizer, scaler and epoch "
+                        "when it has them) unless OUTPUT_DIR/checkpoint.pth exists, which a restarted run resumes.")
+    p.add_argument("--start_epoch", default=0, type=int, help="First epoch of a run not resumed from a checkpoint.")
+    p.add_argument("--dist_eval", action="store_true",
+                   help="Accepted for MAE command lines: evaluation here is always split over the processes, as "
+                        "the original with --dist_eval (a val set that does not divide evenly gets a few repeats).")
     # Misc
     p.add_argument("--data_path", default=None, type=str,
                    help="Folder with train/ and val/ (or test/) ImageFolder trees (with --eval, a class folder tree "
@@ -103,6 +116,14 @@ def get_args_parser():
                    help="Keep checkpoint-EPOCH.pth every this many epochs and at the last (0: only the last).")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--num_workers", default=10, type=int, help="Data loading processes per device.")
+    p.add_argument("--pin_mem", action="store_true", default=True,
+                   help="Pin CPU memory in the data loaders for faster copies to the GPU (default; CUDA only).")
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    p.add_argument("--log_dir", default=None, type=str,
+                   help="Also write TensorBoard scalars here when training (loss and lr per step, perf/test_acc1, "
+                        "perf/test_acc5, perf/test_loss per epoch, as the original); needs the tensorboard package. "
+                        "The original writes to ./output_dir by default, ours only when asked.")
+    add_mae_launcher_args(p)
     return p
 
 
@@ -139,11 +160,9 @@ def load_finetune_weights(model, path, checkpoint_key=None):
     Only the new head and the final norms may be missing (MAE's check, plus the norm of [CLS] pooling from an
     avg-pooled source, which then starts as identity); anything else is a mismatch and stops.
     """
-    ckpt = load_file(path)
-    found = [k for k in ("model", "teacher") if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)]
-    key = checkpoint_key or (found + ["teacher"])[0]
+    backbone, stored = read_backbone(path, checkpoint_key)
     unused = ("head.", "norm.") if model.global_pool == "avg" else ("head.", "fc_norm.")
-    sd = {k: v for k, v in extract_backbone(ckpt, key).items() if not is_decoder_key(k) and not k.startswith(unused)}
+    sd = {k: v for k, v in backbone.items() if not is_decoder_key(k) and not k.startswith(unused)}
     sd = adapt_state_dict(model, sd, f"--finetune {path}")
     missing, unexpected = check_state_dict(model, sd, f"--finetune {path}", strict=False)
     missing = [k for k in missing if not k.startswith(("head.", "fc_norm.", "norm."))]
@@ -151,6 +170,7 @@ def load_finetune_weights(model, path, checkpoint_key=None):
         raise UserError(f"--finetune {path} does not match the model: missing keys {missing[:6]}, unexpected keys "
                         f"{unexpected[:6]}; check --arch/--depth/--checkpoint_key")
     model.load_state_dict(sd, strict=False)
+    use_source_norm_eps(model, stored)
     nn.init.trunc_normal_(model.head.weight, std=HEAD_INIT_STD)
 
 
@@ -223,6 +243,7 @@ def main(args):
     output_dir = Path(args.output_dir)
     if dist.is_main_process():  # rank 0 does all writing; ranks probing at once would race on one file
         check_writable(output_dir)
+    tb = TensorBoard(None if args.eval else args.log_dir)
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
@@ -233,7 +254,8 @@ def main(args):
     if nb_classes < classes:
         raise UserError(f"--nb_classes {nb_classes} is below the {classes} class folders: raise it or omit it")
     model = build_model(args, nb_classes)
-    val_loader = build_loader(val, args.batch_size, args.num_workers, shuffle=False, drop_last=False)
+    val_loader = build_loader(val, args.batch_size, args.num_workers, shuffle=False, drop_last=False,
+                              pin_memory=args.pin_mem)
     if args.eval:
         path = Path(args.resume) if args.resume else output_dir / "checkpoint.pth"
         load_eval_weights(model, path)
@@ -252,7 +274,7 @@ def main(args):
     if steps_per_epoch == 0:
         raise UserError(f"{train.root} has {len(train)} images, fewer than one optimizer step "
                         f"({global_batch * args.accum_iter}): lower --batch_size or --accum_iter")
-    loader = build_loader(train, args.batch_size, args.num_workers, seed=args.seed)
+    loader = build_loader(train, args.batch_size, args.num_workers, seed=args.seed, pin_memory=args.pin_mem)
     model_ddp = dist.maybe_ddp(model, device)
     optimizer = build_optimizer("adamw", param_groups_layer_decay(model, args.weight_decay, model.no_weight_decay(),
                                                                   args.layer_decay))
@@ -267,11 +289,11 @@ def main(args):
              f"{world_size} process(es)")
 
     ckpt_path = output_dir / "checkpoint.pth"
-    run = restart_from_checkpoint(ckpt_path, {"epoch": -1, "max_accuracy": 0.0}, model=model, optimizer=optimizer,
-                                  scaler=scaler)
+    resumed, run = resume_run(output_dir, args.resume, {"epoch": args.start_epoch - 1, "max_accuracy": 0.0},
+                              model=model, optimizer=optimizer, scaler=scaler)
     start_epoch, max_accuracy = run["epoch"] + 1, run["max_accuracy"]
-    if start_epoch:
-        log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    if resumed:
+        log.info(f"resumed from {resumed} at epoch {start_epoch}")
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         train.set_epoch(epoch)
@@ -279,8 +301,9 @@ def main(args):
         # what an uninterrupted one would.
         np.random.seed([args.seed, rank, epoch])
         train_stats = train_one_epoch(model_ddp, model, criterion, mixup_fn, loader, optimizer, scaler, lr_schedule,
-                                      epoch, steps_per_epoch, device, precision, args, ckpt_path)
+                                      epoch, steps_per_epoch, device, precision, args, ckpt_path, tb)
         test_stats = evaluate(model, val_loader, device, precision)
+        tb.add(epoch, {f"perf/test_{k}": test_stats[k] for k in ("acc1", "acc5", "loss")})
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         save = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -298,13 +321,15 @@ def main(args):
                                                       "max_accuracy": max_accuracy, "epoch": epoch})
         log.info(f"epoch {epoch}: loss {train_stats['loss']:.4f}, val top-1 {test_stats['acc1']:.2f}% "
                  f"(best {max_accuracy:.2f}%), top-5 {test_stats['acc5']:.2f}%")
+        tb.flush()
+    tb.close()
     dist.barrier()
     dist.cleanup()
     return {"max_accuracy": max_accuracy}
 
 
 def train_one_epoch(model_ddp, model, criterion, mixup_fn, loader, optimizer, scaler, lr_schedule, epoch,
-                    steps_per_epoch, device, precision, args, ckpt_path):
+                    steps_per_epoch, device, precision, args, ckpt_path, tb):
     model_ddp.train()
     total_loss, n_loss = 0.0, 0
     progress = Progress(steps_per_epoch, epoch, args.batch_size * args.accum_iter)
@@ -330,7 +355,10 @@ def train_one_epoch(model_ddp, model, criterion, mixup_fn, loader, optimizer, sc
             continue
         clip = (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)) if args.clip_grad else None
         apply_gradients(optimizer, scaler, clip)
-        progress.step(loss=f"{loss_value:.4f}", lr=f"{lr_schedule[it]:.2e}")
+        images_per_s = progress.step(loss=f"{loss_value:.4f}", lr=f"{lr_schedule[it]:.2e}")
+        tb.add(epoch_1000x(it, steps_per_epoch, args.accum_iter),
+               {"loss": tb.mean(loss_value, device), "lr": max(group["lr"] for group in optimizer.param_groups),
+                "images_per_s": images_per_s})
     progress.close()
     loss, n_bad = epoch_totals(total_loss, n_loss, batches.n_bad, device, epoch)
     return {"loss": loss, "lr": float(lr_schedule[(epoch + 1) * steps_per_epoch - 1]), "skipped_images": n_bad}

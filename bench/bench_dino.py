@@ -52,7 +52,7 @@ def get_args_parser():
     p.add_argument("--local_crops_number", default=2, type=int)
     p.add_argument("--batch_size", default=8, type=int, help="Images per step (each gives 2 + locals crops).")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="Precision of our path (auto: fp16 on CUDA, fp32 on CPU); the baseline is always fp32.")
+                   help="Precision of our path (auto: bf16 on CUDA, fp32 on CPU); the baseline is always fp32.")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true", help="torch.compile both backbones in our path.")
     p.add_argument("--steps", default=5, type=int, help="Timed steps.")

@@ -3,7 +3,7 @@
 Random tensors stand in for data, so this times the model and the search, not image decoding. Paths:
   extraction  ours: SDPA attention under autocast at --precision (fp32 on CPU), inference mode;
               baseline: the same backbone in fp32 with explicit softmax attention (fused_attn = False).
-  k-NN        ours: eval_knn.knn_classify, neighbours found once for the largest k, by chunked torch matmul +
+  k-NN        ours: core.knn.knn_classify, neighbours found once for the largest k, by chunked torch matmul +
               top-k with a bounded similarity block, or by faiss (CPU; --knn_backend auto keeps the faster of the
               two), then scatter-add voting;
               baseline: the original's structure, one full dense similarity matrix and top-k per k, one-hot voting.
@@ -24,8 +24,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from core.device import autocast, resolve_device, resolve_precision, synchronize  # noqa: E402
 from core.errors import run_cli  # noqa: E402
+from core.knn import faiss_installed, knn_classify  # noqa: E402
 from core.vision_transformer import build_vit  # noqa: E402
-from eval_knn import faiss_installed, knn_classify  # noqa: E402
 
 
 def get_args_parser():
@@ -37,7 +37,7 @@ def get_args_parser():
     p.add_argument("--steps", default=3, type=int, help="Timed extraction batches.")
     p.add_argument("--warmup", default=1, type=int, help="Untimed batches first.")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="Our extraction path's precision (auto: fp16 on CUDA, fp32 on CPU); the baseline is fp32.")
+                   help="Our extraction path's precision (auto: bf16 on CUDA, fp32 on CPU); the baseline is fp32.")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--n_train", default=20000, type=int, help="Training features searched by k-NN.")
     p.add_argument("--n_test", default=2000, type=int, help="Query features.")

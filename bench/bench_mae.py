@@ -44,7 +44,7 @@ def get_args_parser():
     p.add_argument("--decoder_num_heads", default=4, type=int, help="Published: 16.")
     p.add_argument("--num_classes", default=1000, type=int, help="Classifier outputs for fine-tuning.")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="Precision of mae, mae_baseline and finetune (auto: fp16 on CUDA, fp32 on CPU); "
+                   help="Precision of mae, mae_baseline and finetune (auto: bf16 on CUDA, fp32 on CPU); "
                         "finetune_baseline is always fp32.")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--steps", default=5, type=int, help="Timed steps.")

@@ -7,12 +7,16 @@ import math
 import os
 import random
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import torch
 
-from core.distributed import get_rank
+from core.distributed import all_gather_objects, all_reduce_sum, get_rank, is_main_process
 from core.errors import UserError
+from core.hf_vit import is_foreign, read_foreign
+from core.log import setup_logger
 from core.vision_transformer import SIZES
 
 PREFIXES = ("module.", "backbone.", "_orig_mod.")
@@ -22,11 +26,14 @@ VIT_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.
 def save_checkpoint(obj, path, write=None):
     """Write to a temporary file in the same folder, then rename: a crash mid-write never harms the last good file.
 
-    write(obj, file) serialises (torch.save by default; e.g. safetensors for weight export)."""
+    write(obj, file) serialises (torch.save by default; e.g. safetensors for weight export). The file is created
+    with mode 0666 like any open(), so the kernel applies the umask (and default ACLs) as torch.save would: 0644
+    under umask 022, readable by colleagues on a shared cluster (mkstemp would leave 0600)."""
     path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
         raise UserError(f"cannot write checkpoint in {path.parent} ({e.strerror}): choose a writable --output_dir")
     try:
@@ -97,7 +104,31 @@ def restart_from_checkpoint(path, run_variables=None, **objects):
     run_variables = dict(run_variables or {})
     if not Path(path).is_file():
         return run_variables
-    ckpt = load_file(path)
+    return restore(load_file(path), path, run_variables, **objects)
+
+
+def resume_run(output_dir, resume, run_variables, model, **objects):
+    """(checkpoint or None, run variables) of a training run: its own checkpoint.pth in output_dir when there is
+    one, so that a restarted job goes on; else the file of --resume, read as MAE's load_model reads it: the model,
+    and the optimizer, scaler and run variables only when the file has an optimizer and an epoch."""
+    own = Path(output_dir) / "checkpoint.pth"
+    if own.is_file() or not resume:
+        if resume:
+            setup_logger().warning(f"--resume {resume} ignored: {own} is this run's latest state and goes on from "
+                                   f"there (use a new --output_dir to start from {resume})")
+        return (own if own.is_file() else None), restart_from_checkpoint(own, run_variables, model=model, **objects)
+    ckpt = load_file(resume)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"--resume {resume} has no 'model' entry: give a checkpoint written by this script or "
+                        f"the original")
+    if "optimizer" in ckpt and "epoch" in ckpt:
+        return Path(resume), restore(ckpt, resume, dict(run_variables), model=model, **objects)
+    restore(ckpt, resume, {}, model=model)
+    return Path(resume), dict(run_variables)
+
+
+def restore(ckpt, path, run_variables, **objects):
+    """Load the named objects' states from a loaded checkpoint; the run variables it holds replace the given ones."""
     for name, obj in objects.items():
         if obj is None:
             continue
@@ -121,6 +152,52 @@ def restart_from_checkpoint(path, run_variables=None, **objects):
     return run_variables
 
 
+class MidEpochCheckpoints:
+    """Atomic checkpoints within an epoch every `minutes`, so that a run killed at any moment (kill -9, preemption)
+    loses at most that much work and resumes at the exact batch, ending as an uninterrupted run would.
+
+    Such a checkpoint holds what the run's `state(epoch, **position)` holds (every process calls it: RNG states
+    are gathered, sharded models consolidated) for the epoch in progress, plus the position in it: `epoch_step`,
+    its optimizer steps done, and `epoch_totals`, each process's running sums for the epoch's log line. Rank 0's
+    clock decides for all processes, through one all-reduce, and only when asked: at steps that read the loss
+    back anyway, so that no other step waits for the device."""
+
+    def __init__(self, path, minutes, steps_per_epoch, state):
+        if not minutes >= 0:
+            raise UserError(f"--checkpoint_every_minutes must be a number >= 0 (0 disables), got {minutes}")
+        self.path, self.seconds, self.steps, self.state = Path(path), minutes * 60, steps_per_epoch, state
+        self.step, self.totals = 0, [{}]
+        self.restart()
+
+    def restart(self):
+        """Count the interval from now: call after any checkpoint (the epoch's own, say)."""
+        self.last = time.monotonic()
+
+    def resume(self, run_variables):
+        """Take the position of a restored checkpoint (`epoch_step` and `epoch_totals` among its run variables)."""
+        self.step, self.totals = run_variables.get("epoch_step") or 0, run_variables.get("epoch_totals") or [{}]
+
+    def start(self):
+        """(steps already done, this process's running totals) of the epoch about to run: the resumed position for
+        the first epoch of a resumed run, (0, {}) after."""
+        position = self.step, self.totals[get_rank() % len(self.totals)]
+        self.step, self.totals = 0, [{}]
+        return position
+
+    def save_if_due(self, it, totals, device):
+        """After optimizer step `it` (counted from the start of training), every process with its totals."""
+        epoch, step = divmod(it + 1, self.steps)
+        if not self.seconds or step == 0:  # the epoch's own checkpoint follows its last step
+            return
+        due = torch.tensor([is_main_process() and time.monotonic() - self.last >= self.seconds], device=device)
+        if not all_reduce_sum(due.int()).item():
+            return
+        save = self.state(epoch, epoch_step=step, epoch_totals=all_gather_objects(totals))
+        if is_main_process():
+            save_checkpoint(save, self.path)
+        self.restart()
+
+
 def strip_prefixes(state_dict, prefixes=PREFIXES):
     out = {}
     for k, v in state_dict.items():
@@ -142,6 +219,8 @@ def extract_backbone(ckpt, checkpoint_key="teacher"):
     """
     if not isinstance(ckpt, dict):
         raise UserError("checkpoint is not a state dict: expected a dict of tensors or a training checkpoint")
+    if checkpoint_key is None:  # whichever the file holds: MAE and fine-tuning `model`, else DINO's `teacher`
+        checkpoint_key = next((k for k in ("model", "teacher") if isinstance(ckpt.get(k), dict)), "teacher")
     if checkpoint_key in ckpt and isinstance(ckpt[checkpoint_key], dict):
         sd = ckpt[checkpoint_key]
     elif any(isinstance(v, dict) for v in ckpt.values()) and not any(torch.is_tensor(v) for v in ckpt.values()):
@@ -210,9 +289,23 @@ def stored_args(ckpt):
 
 
 def read_backbone(path, checkpoint_key="teacher"):
-    """(backbone state dict in our layout, stored training args) from any supported checkpoint file."""
+    """(backbone state dict in our layout, stored training args) from any supported checkpoint file, Hugging Face
+    ViT folder (or hub name in the local cache) or Google ViT .npz; checkpoint_key None picks `model` or `teacher`."""
+    if is_foreign(path):
+        return read_foreign(path, load_file)
     ckpt = load_file(path)
     return extract_backbone(ckpt, checkpoint_key), stored_args(ckpt)
+
+
+def use_source_norm_eps(model, stored):
+    """LayerNorms take the source's eps when it states one (Hugging Face ViTs: 1e-12, ours 1e-6), so that the
+    converted model computes what the original does."""
+    eps = stored.get("layer_norm_eps")
+    if eps is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.eps = eps
+    return model
 
 
 def check_state_dict(model, state_dict, source, strict=True):
@@ -220,7 +313,8 @@ def check_state_dict(model, state_dict, source, strict=True):
     own = model.state_dict()
     if not set(own) & set(state_dict):
         raise UserError(f"{source} matches no known layout (our or official DINO checkpoints, backbone-only, timm ViT, "
-                        f"DINOv2): expected keys {_short(list(own))}, found {_short(list(state_dict))}")
+                        f"DINOv2, Hugging Face or Google ViT): expected keys {_short(list(own))}, found "
+                        f"{_short(list(state_dict))}")
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
              if k in own and v.shape != own[k].shape]
     if wrong:
@@ -255,5 +349,8 @@ def load_backbone_state(model, state_dict, source, strict=True, assign=False):
 
 def load_pretrained_weights(model, path, checkpoint_key="teacher", strict=True):
     """Load a backbone from our checkpoints, official DINO full checkpoints, backbone-only files, timm ViT state
-    dicts or DINOv2-layout backbones."""
-    return load_backbone_state(model, read_backbone(path, checkpoint_key)[0], f"checkpoint {path}", strict)
+    dicts, DINOv2-layout backbones, Hugging Face ViT folders or Google ViT .npz files."""
+    state_dict, stored = read_backbone(path, checkpoint_key)
+    result = load_backbone_state(model, state_dict, f"checkpoint {path}", strict)
+    use_source_norm_eps(model, stored)
+    return result

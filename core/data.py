@@ -1,4 +1,5 @@
 """Image datasets (ImageFolder tree or flat folder) whose unreadable files are skipped and counted, and loaders."""
+import itertools
 import os
 import random
 import warnings
@@ -34,14 +35,14 @@ class ImageDataset(torch.utils.data.Dataset):
     """ImageFolder when `root` has class subfolders, else a flat folder of unlabeled images (target 0).
 
     An image that cannot be decoded yields None with a warning instead of killing a long run; collate_skip_bad
-    drops and counts it.
+    drops and counts it. The epoch lives in shared memory, so that persistent loader workers see set_epoch.
     """
 
     def __init__(self, root, transform=None, seed=None):
         self.root = Path(root)
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        self.shared_epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         if not self.root.exists():
             raise UserError(f"data path {self.root} does not exist; give an existing folder of images")
         if not self.root.is_dir():
@@ -73,8 +74,13 @@ class ImageDataset(torch.utils.data.Dataset):
             image = self.transform_seeded(image, index)
         return image, target
 
+    @property
+    def epoch(self):
+        return int(self.shared_epoch)
+
     def set_epoch(self, epoch):
-        self.epoch = epoch
+        """Call before iterating the loader for `epoch`: its workers read the new value for every sample after."""
+        self.shared_epoch.fill_(epoch)
 
     def transform_seeded(self, image, index):
         """With a seed, each (epoch, index) draws its own augmentation, so the crops an image gets do not depend
@@ -104,14 +110,34 @@ def collate_skip_bad(batch):
     return samples, targets, n_bad
 
 
-def build_loader(dataset, batch_size, num_workers=None, shuffle=True, drop_last=True, seed=0):
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: a run resumed mid-epoch skips the samples of this
+    process's share that it has trained on and sees the rest in the same order. set_epoch clears the offset."""
+
+    start = 0
+
+    def set_epoch(self, epoch, start=0):
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def build_loader(dataset, batch_size, num_workers=None, shuffle=True, drop_last=True, seed=0, pin_memory=True):
     """DataLoader over this rank's shard; the caller calls loader.sampler.set_epoch(epoch) so that a resumed run
-    sees the same order. Workers are not persistent, so a dataset's set_epoch reaches them each epoch.
-    num_workers=None picks min(10, CPUs), 10 being DINO's default."""
+    sees the same order. Workers persist across epochs (restarting them cost seconds per epoch); ImageDataset's
+    epoch is shared with them.
+    num_workers=None picks min(10, CPUs), 10 being DINO's default. Memory is pinned only where CUDA is. Worker
+    seeds come from the loader's own generator, so that creating an iterator (a run resumed mid-epoch creates one
+    part-way) leaves the training's random stream as an uninterrupted run has it."""
     distributed = dist.is_available() and dist.is_initialized()
     num_replicas = dist.get_world_size() if distributed else 1
     rank = dist.get_rank() if distributed else 0
-    sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+    sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
     if drop_last and len(sampler) < batch_size:
         where = getattr(dataset, "root", "the dataset")
         raise UserError(f"{where} gives {len(sampler)} images per process, fewer than the batch size {batch_size}; "
@@ -119,21 +145,26 @@ def build_loader(dataset, batch_size, num_workers=None, shuffle=True, drop_last=
     if num_workers is None:
         num_workers = min(10, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-                      collate_fn=collate_skip_bad)
+                      pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
+                      collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=num_workers > 0)
 
 
 class MicroBatches:
     """An epoch's micro-batches as (iteration, first, last, batch), where iteration counts optimizer steps and
     first/last mark a step's first and last micro-batch; trailing micro-batches of an incomplete step are left out.
-    Batches with no readable image are skipped, and `n_bad` counts the undecodable images."""
+    Batches with no readable image are skipped, and `n_bad` counts the undecodable images.
 
-    def __init__(self, loader, steps_per_epoch, accum_iter, epoch):
+    A run resumed mid-epoch starts after `start_step` optimizer steps (the loader's ResumableSampler skips their
+    samples) with the n_bad it had counted; iterations are numbered as in an uninterrupted epoch."""
+
+    def __init__(self, loader, steps_per_epoch, accum_iter, epoch, start_step=0, n_bad=0):
         self.loader, self.steps, self.accum, self.epoch = loader, steps_per_epoch, accum_iter, epoch
-        self.n_bad = 0
+        self.start, self.n_bad = start_step * accum_iter, n_bad
 
     def __iter__(self):
-        for i, (samples, targets, bad) in enumerate(self.loader):
+        self.loader.sampler.start = self.start * self.loader.batch_size
+        for i, (samples, targets, bad) in enumerate(self.loader, self.start):
             if i >= self.steps * self.accum:
                 break
             self.n_bad += bad

@@ -1,11 +1,14 @@
 """DINO: projection head, self-distillation loss with centering, multi-crop wrapper and the teacher EMA."""
+import itertools
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.custom_ops import has_fused
 from core.distributed import all_reduce_sum
+from core.fsdp import local
 
 
 class WeightNormLinear(nn.Module):
@@ -69,13 +72,10 @@ class MultiCropWrapper(nn.Module):
     def forward(self, crops):
         if not isinstance(crops, (list, tuple)):
             crops = [crops]
-        sizes = torch.tensor([c.shape[-1] for c in crops])
-        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
-        start, outputs = 0, []
-        for end in ends:
-            out = self.backbone(torch.cat(crops[start:end]))
+        outputs = []
+        for _, run in itertools.groupby(crops, key=lambda c: c.shape[-1]):
+            out = self.backbone(torch.cat(list(run)))
             outputs.append(out[0] if isinstance(out, tuple) else out)
-            start = end
         return self.head(torch.cat(outputs))
 
 
@@ -101,19 +101,19 @@ class DINOLoss(nn.Module):
         ))
 
     def forward(self, student_output, teacher_output, epoch):
-        student_out = (student_output / self.student_temp).chunk(self.ncrops)
+        """Mean over the pairs (teacher view i, student view v != i) of CE(q_i, p_v), as the original's double loop,
+        but with each student view's log-softmax computed once: the pairs of student view v sum to
+        -(sum_i q_i - q_v) . log p_v, where q_v is only subtracted for the views the teacher also saw."""
+        batch = len(student_output) // self.ncrops
+        log_p = F.log_softmax(student_output / self.student_temp, dim=-1).view(self.ncrops, batch, -1)
         temp = self.teacher_temp_schedule[epoch]
-        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1).detach()
-        teacher_out = teacher_out.chunk(len(teacher_output) // len(student_out[0]))
-        total, n_terms = 0.0, 0
-        for iq, q in enumerate(teacher_out):
-            for v, s in enumerate(student_out):
-                if v == iq:
-                    continue
-                total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
-                n_terms += 1
+        q = F.softmax((teacher_output - self.center) / temp, dim=-1).detach().view(-1, batch, log_p.shape[-1])
+        n_same = min(len(q), self.ncrops)
+        cross = (q.sum(0) * log_p.sum(0)).sum(-1)
+        same = (q[:n_same] * log_p[:n_same]).sum(dim=(0, -1))
+        n_terms = len(q) * self.ncrops - n_same
         self.accumulate_center(teacher_output)
-        return total / n_terms
+        return -(cross - same).mean() / n_terms
 
     @torch.no_grad()
     def accumulate_center(self, teacher_output):
@@ -135,23 +135,38 @@ class DINOLoss(nn.Module):
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    """teacher = m * teacher + (1 - m) * student, over all parameters at once."""
-    t = [p for p in teacher.parameters()]
-    s = [p.detach() for p in student.parameters()]
+    """teacher = m * teacher + (1 - m) * student, over all parameters at once: one pass of the fused op of ema/ when
+    built, else two foreach calls rounding the same way. Sharded (--fsdp) models update their local shards."""
+    t = local(teacher.parameters())
+    s = local(p.detach() for p in student.parameters())
+    if t and has_fused("ema", "ema_update_", t[0].device.type):
+        torch.ops.dinossl.ema_update_(t, s, momentum)
+        return
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1 - momentum)
 
 
+@torch.no_grad()
 def clip_gradients(model, clip):
-    """Per-parameter clipping as in the original DINO (not a global norm): each grad is scaled to norm <= clip."""
-    norms = []
-    for p in model.parameters():
-        if p.grad is not None:
-            norm = p.grad.detach().norm(2)
-            norms.append(norm)
-            coef = clip / (norm + 1e-6)
-            p.grad.mul_(torch.clamp(coef, max=1.0))
+    """Per-parameter clipping as in the original DINO (not a global norm): each grad is scaled by
+    min(1, clip / (norm + 1e-6)); a few foreach kernels for all parameters, and no host sync."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return []
+    norms = torch._foreach_norm(grads)
+    coefs = torch._foreach_add(norms, 1e-6)
+    torch._foreach_reciprocal_(coefs)
+    torch._foreach_mul_(coefs, clip)
+    torch._foreach_clamp_max_(coefs, 1.0)
+    torch._foreach_mul_(grads, coefs)
     return norms
+
+
+def compile_backbones(*models, backend="inductor"):
+    """torch.compile each wrapper's backbone in place (state-dict keys unchanged) with static shapes: one graph
+    per crop resolution, compiled on its first step and reused after, instead of a dynamic-shape graph."""
+    for model in models:
+        model.backbone.compile(dynamic=False, backend=backend)
 
 
 def cancel_gradients_last_layer(epoch, model, freeze_last_layer):

@@ -1,6 +1,7 @@
 """torch.distributed set-up that works as one plain process, under torchrun (env://) and under SLURM."""
 import contextlib
 import os
+import re
 import subprocess
 
 import torch
@@ -17,7 +18,13 @@ def _slurm_master_addr():
         out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError):
-        return nodes.split(",")[0]
+        return first_host(nodes)
+
+
+def first_host(nodelist):
+    """The first host of a SLURM node list, for when scontrol is absent: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
+    m = re.match(r"([^,\[]+)(?:\[([^-,\]]+))?", nodelist)
+    return m.group(1) + (m.group(2) or "")
 
 
 def world_from_env():

@@ -9,16 +9,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from PIL import Image
 from tqdm import tqdm
 
 from core import distributed as dist
-from core.checkpoint import load_backbone_state, load_file, read_backbone, save_checkpoint, vit_layout
+from core.checkpoint import (load_backbone_state, load_file, read_backbone, save_checkpoint, use_source_norm_eps,
+                             vit_layout)
 from core.data import ImageDataset, build_loader
 from core.device import DEVICES, PRECISIONS, autocast, resolve_device, resolve_precision
 from core.errors import UserError
 from core.log import setup_logger
 from core.synthetic import ensure_default_data
-from core.vision_transformer import build_vit
+from core.vision_transformer import ARCHS, VisionTransformer, arch_sizes, build_vit
 
 FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
 LAYOUT_OPTIONS = ("img_size", "init_values", "num_register_tokens", "mask_token")
@@ -32,8 +34,9 @@ def add_eval_args(parser):
     parser.add_argument("--patch_size", default=None, type=int,
                         help="Patch size; default: the checkpoint's, else 16.")
     parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Our or official DINO checkpoint, backbone-only file, timm ViT or DINOv2 state dict. "
-                             "Empty: a randomly initialised backbone (a baseline).")
+                        help="Our or official DINO checkpoint, backbone-only file, timm ViT or DINOv2 state dict, "
+                             "Hugging Face ViT folder (config.json + weights) or Google ViT .npz. Empty: a randomly "
+                             "initialised backbone (a baseline).")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help='Entry of a full checkpoint holding the backbone (e.g. "teacher", "student").')
     parser.add_argument("--data_path", default=None, type=str,
@@ -44,7 +47,7 @@ def add_eval_args(parser):
     parser.add_argument("--num_workers", default=10, type=int, help="Data loading processes per GPU.")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="auto picks CUDA when present, else CPU.")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="Autocast for the backbone: auto is fp16 on CUDA and fp32 on CPU.")
+                        help="Autocast for the backbone: auto is bf16 on CUDA (fp16 without bf16), fp32 on CPU.")
     parser.add_argument("--dump_features", default=None, type=str,
                         help="Folder where the extracted train/val features and labels are saved.")
     parser.add_argument("--load_features", default=None, type=str,
@@ -86,9 +89,16 @@ def build_backbone(pretrained_weights=None, checkpoint_key="teacher", arch=None,
         load_backbone_state(model, state_dict, source)
     else:
         options = {k: layout[k] for k in LAYOUT_OPTIONS} if layout else {"img_size": img_size}
+        if layout and layout["arch"] is None and arch in ARCHS:  # a resized arch (MAE's --embed_dim, --depth)
+            options.update(zip(("embed_dim", "depth", "num_heads"),
+                               arch_sizes(arch, layout["embed_dim"], layout["depth"], stored.get("num_heads"))))
         with torch.device("meta"):  # every tensor comes from the file: skip the random initialisation
-            model = build_vit(arch, patch_size, **options)
+            if "depth" in options:
+                model = VisionTransformer(patch_size=patch_size, **options)
+            else:
+                model = build_vit(arch, patch_size, **options)
         load_backbone_state(model, state_dict, source, assign=True)
+        use_source_norm_eps(model, stored)
     return frozen(model), f"{arch}/{patch_size} from {pretrained_weights} ({checkpoint_key})"
 
 
@@ -196,6 +206,74 @@ def extract_features(embed, dataset, device, precision, batch_size=128, num_work
     if not seen.all():
         setup_logger().warning(f"{name}: skipped {int((~seen).sum())} image(s) that could not be decoded")
     return out[seen], labels[seen]
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Images given as a list of paths, each optionally cropped to a (left, top, right, bottom) box first, for the
+    evaluations whose ground truth names its images (retrieval, copy detection). Items are (image, index); an image
+    that cannot be decoded comes back as (None, index) so the caller can name it."""
+
+    def __init__(self, paths, transform, boxes=None):
+        self.paths, self.transform, self.boxes = [str(p) for p in paths], transform, boxes
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            with open(self.paths[index], "rb") as f:
+                image = Image.open(f).convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None, index
+        if self.boxes is not None and self.boxes[index] is not None:
+            image = image.crop(self.boxes[index])
+        return self.transform(image), index
+
+
+def size_batches(keys, batch_size, rank=0, world_size=1):
+    """Batches of indices whose images share a size key, so that they stack as they are (no padding, no resizing),
+    dealt round-robin to the processes. batch_size 1 is the original's one image at a time."""
+    groups = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    return batches[rank::world_size]
+
+
+@torch.no_grad()
+def extract_list_features(embed, dataset, size_keys, device, precision, batch_size=16, num_workers=10):
+    """Features (float32, CPU, in dataset order, on every process) of an ImageList whose images differ in size.
+
+    Images are batched by size key; the key only groups (a wrong one costs speed, not correctness), since each batch
+    is split again by the actual tensor shapes. Every image is needed (rankings index them), so one that cannot be
+    decoded stops the run, named, on every process alike.
+    """
+    batches = size_batches(size_keys, batch_size, dist.get_rank(), dist.get_world_size())
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=list,
+                                         pin_memory=device.type == "cuda")
+    features, indices, bad = [], [], []
+    for items in tqdm(loader, desc="features", disable=not dist.is_main_process(), leave=False, file=sys.stdout,
+                      dynamic_ncols=True):
+        bad += [index for image, index in items if image is None]
+        shapes = {}
+        for image, index in items:
+            if image is not None:
+                shapes.setdefault(tuple(image.shape), []).append((image, index))
+        for group in shapes.values():
+            images = torch.stack([image for image, _ in group]).to(device, non_blocking=True)
+            with autocast(device, precision):
+                features.append(embed(images).float().cpu())
+            indices.append(torch.tensor([[index] for _, index in group]))
+    all_bad = gather_rows(torch.tensor(bad, dtype=torch.long).reshape(-1, 1), device)
+    if len(all_bad):
+        raise UserError(f"cannot decode image {dataset.paths[int(all_bad.min())]} ({len(all_bad)} unreadable in "
+                        f"all): replace the file(s)")
+    local = torch.cat(features) if features else torch.zeros(0, 0)
+    local_indices = torch.cat(indices) if indices else torch.zeros(0, 1, dtype=torch.long)
+    all_features, all_indices = gather_rows(local, device), gather_rows(local_indices, device)
+    out = torch.zeros(len(dataset), all_features.shape[1])
+    out[all_indices[:, 0]] = all_features.reshape(len(all_indices), -1)
+    return out
 
 
 def save_features(folder, train_features, test_features, train_labels, test_labels):

@@ -1,9 +1,12 @@
-"""Console messages on the main process only, and the JSON-lines run log that DINO and MAE write."""
+"""Console messages on the main process only, the JSON-lines run log that DINO and MAE write, and optional
+TensorBoard scalars."""
 import json
 import logging
 import math
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -38,6 +41,61 @@ def epoch_totals(total_loss, n_loss, n_bad, device, epoch):
     return total_loss / max(n_loss, 1), int(n_bad)
 
 
+class TensorBoard:
+    """Scalars for TensorBoard in --log_dir, written by the main process only; without a log_dir it does nothing.
+
+    tensorboard is optional, so log.txt stays the record that needs nothing installed. Every process knows whether
+    it is on, so that all of them join the loss average the original logs.
+    """
+
+    def __init__(self, log_dir):
+        self.on, self.writer = log_dir is not None, None
+        if not self.on:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise UserError("--log_dir needs the tensorboard package: pip install tensorboard, or leave out "
+                            "--log_dir (log.txt has the same numbers)") from e
+        try:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=log_dir, prefix=".write_test."):
+                pass
+        except OSError as e:
+            raise UserError(f"--log_dir {log_dir} is not writable ({e.strerror}): choose another folder") from e
+        if is_main_process():
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def mean(self, value, device):
+        """A per-process number averaged over the processes (only when on, as it costs a collective)."""
+        if not self.on or get_world_size() == 1:
+            return value
+        return all_reduce_sum(torch.tensor([value], dtype=torch.float64, device=device)).item() / get_world_size()
+
+    def add(self, step, scalars):
+        """scalars: {tag: number}; None values are left out."""
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, value, step)
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def epoch_1000x(it, steps_per_epoch, accum_iter=1):
+    """MAE's TensorBoard x-axis, thousandths of an epoch (so runs of different batch sizes line up), for optimizer
+    step `it` counted from the start: the original takes the index of the step's last micro-batch."""
+    epoch, step = divmod(it, steps_per_epoch)
+    data_iter_step = (step + 1) * accum_iter - 1
+    return int((data_iter_step / (steps_per_epoch * accum_iter) + epoch) * 1000)
+
+
 class Progress:
     """The epoch's progress bar (main process only) showing the throughput of the last optimizer step."""
 
@@ -48,17 +106,49 @@ class Progress:
         self.last = time.perf_counter()
 
     def step(self, **postfix):
+        """Advance the bar; returns the images per second of the step (all processes together)."""
         now = time.perf_counter()
+        images_per_s = self.samples / (now - self.last)
         self.bar.update(1)
-        self.bar.set_postfix(**postfix, img_s=f"{self.samples / (now - self.last):.1f}")
+        self.bar.set_postfix(**postfix, img_s=f"{images_per_s:.1f}")
         self.last = now
+        return images_per_s
 
     def close(self):
         self.bar.close()
 
 
 def check_finite(loss_value, it, epoch, ckpt_path, fix):
-    """Stop before a non-finite loss reaches the weights; nothing is saved, so the last checkpoint stays good."""
+    """Stop at a non-finite loss before any checkpoint holds it: nothing more is saved, so the last one written
+    (if any) stays good."""
     if not math.isfinite(loss_value):
-        raise UserError(f"loss is {loss_value} at iteration {it} (epoch {epoch}): stopped; the last good "
-                        f"checkpoint {ckpt_path} is intact. {fix}")
+        kept = (f"the last good checkpoint {ckpt_path} is intact" if Path(ckpt_path).is_file()
+                else "no checkpoint had been written yet")
+        raise UserError(f"loss is {loss_value} at iteration {it} (epoch {epoch}): stopped; {kept}. {fix}")
+
+
+class LossWatch:
+    """The epoch's losses, kept on the device and read back in one transfer when asked (every --log_every steps
+    and at the end of the epoch), so that the training step never waits for the device. A non-finite loss stops
+    the run at the next read, naming its iteration, before the epoch's checkpoint could be written."""
+
+    def __init__(self, epoch, ckpt_path, fix):
+        self.epoch, self.ckpt_path, self.fix = epoch, ckpt_path, fix
+        self.pending = []
+        self.total, self.count, self.last = 0.0, 0, None
+
+    def add(self, it, loss):
+        self.pending.append((it, loss.detach().float()))
+
+    def read(self):
+        """Check and sum the losses since the last read; returns their mean (the last one if none is new)."""
+        if not self.pending:
+            return self.last
+        values = torch.stack([loss for _, loss in self.pending]).tolist()
+        for (it, _), value in zip(self.pending, values):
+            check_finite(value, it, self.epoch, self.ckpt_path, self.fix)
+        self.pending = []
+        self.total += sum(values)
+        self.count += len(values)
+        self.last = sum(values) / len(values)
+        return self.last

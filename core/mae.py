@@ -14,6 +14,7 @@ from torchvision.utils import make_grid, save_image
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform
 from core.checkpoint import load_file, strip_prefixes
+from core.custom_ops import gather_tokens
 from core.data import ImageDataset
 from core.errors import UserError
 from core.vision_transformer import (SIZES, Block, LayerNorm, VisionTransformer, arch_sizes, check_image_size,
@@ -42,13 +43,25 @@ def unpatchify(x, p, grid_size, channels=3):
     return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], channels, gh * p, gw * p)
 
 
+class WithMaskNoise:
+    """An image transform that also draws the image's masking noise (uniform, one value a patch, as random_masking
+    draws it), under the dataset's per-image seed: the mask an image gets then depends neither on the process that
+    trains on it nor on where a resumed run starts, so runs on any number of processes mask alike."""
+
+    def __init__(self, transform, num_patches):
+        self.transform, self.num_patches = transform, num_patches
+
+    def __call__(self, image):
+        return self.transform(image), torch.rand(self.num_patches)
+
+
 def random_masking(x, mask_ratio, noise=None):
     """Keep a random int(L * (1 - mask_ratio)) tokens per sample: the lowest values of uniform noise.
 
     Returns the kept tokens, the binary mask (1 = removed) in the original order, and ids_restore, which puts the
     concatenation [kept, removed] back in the original order.
     """
-    B, L, D = x.shape
+    B, L = x.shape[:2]
     len_keep = int(L * (1 - mask_ratio))
     if len_keep < 1:
         raise UserError(f"--mask_ratio {mask_ratio} keeps no patch of {L}: lower it")
@@ -57,7 +70,7 @@ def random_masking(x, mask_ratio, noise=None):
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
-    kept = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    kept = gather_tokens(x, ids_keep)
     mask = torch.ones(B, L, device=x.device)
     mask[:, :len_keep] = 0
     return kept, mask.gather(1, ids_restore), ids_restore
@@ -124,7 +137,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         B, L = ids_restore.shape
         mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
         patches = torch.cat((x[:, 1:], mask_tokens), dim=1)
-        patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        patches = gather_tokens(patches, ids_restore)
         x = torch.cat((x[:, :1], patches), dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
@@ -224,13 +237,16 @@ def reconstruct(model, imgs, mask_ratio=0.75, noise=None):
 
 def save_reconstruction(model, imgs, path, mask_ratio=0.75, seed=0):
     """A PNG with one row per image: original, masked (removed patches grey), reconstruction. A fixed seed keeps
-    the same masks from epoch to epoch, so pictures of one run compare."""
+    the same masks from epoch to epoch, so pictures of one run compare. path None computes without writing: the
+    other processes of a sharded (--fsdp) model, whose forward is a collective."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     noise = torch.rand(imgs.shape[0], model.patch_embed.num_patches, generator=generator).to(imgs.device)
     masked, pasted = reconstruct(model, imgs, mask_ratio, noise)
     model.train(was_training)
+    if path is None:
+        return None
     rows = torch.stack((denormalize(imgs), denormalize(masked), denormalize(pasted)), dim=1).flatten(0, 1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_image(make_grid(rows.float().cpu(), nrow=3, padding=2, pad_value=1.0), path)

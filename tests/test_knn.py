@@ -7,10 +7,11 @@ import torch
 from PIL import Image
 
 import eval_knn
+from core import knn
 from core.config import parse_args
 from core.errors import UserError, run_cli
 from core.features import save_features
-from eval_knn import knn_classify
+from core.knn import knn_classify
 
 
 def brute_force_knn(train, train_labels, test, test_labels, k, T, num_classes):
@@ -42,8 +43,8 @@ def test_knn_matches_brute_force(backend, monkeypatch):
     train = centers[train_labels] + 1.5 * rng.normal(size=(300, dim))
     test = centers[test_labels] + 1.5 * rng.normal(size=(37, dim))
     ks = (1, 3, 10, 20, 300)
-    monkeypatch.setattr(eval_knn, "QUERY_CHUNK", 8)  # several query chunks ...
-    monkeypatch.setattr(eval_knn, "SIMILARITY_ELEMENTS", 8 * 50)  # ... and train blocks merged into a running top-k
+    monkeypatch.setattr(knn, "QUERY_CHUNK", 8)  # several query chunks ...
+    monkeypatch.setattr(knn, "SIMILARITY_ELEMENTS", 8 * 50)  # ... and train blocks merged into a running top-k
     got = knn_classify(torch.tensor(train, dtype=torch.float32), torch.tensor(train_labels),
                        torch.tensor(test, dtype=torch.float32), torch.tensor(test_labels), ks, 0.07, num_classes,
                        backend)
