@@ -56,6 +56,7 @@ def get_args_parser():
 
 
 def build_nets(args):
+    """Initial weights, shared by both runs; MAE gets a small decoder (64 wide, 2 blocks) to stay fast."""
     torch.manual_seed(args.seed)
     if args.model == "mae":
         check_mask_ratio(args.mask_ratio)
@@ -64,7 +65,6 @@ def build_nets(args):
     vit = build_vit(args.arch, args.patch_size, img_size=args.img_size)
     student = MultiCropWrapper(vit, DINOHead(vit.embed_dim, args.out_dim))
     teacher = copy.deepcopy(student)
-    teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
     return [student, teacher]

@@ -115,8 +115,11 @@ def revisitop_ground_truth(path, folder):
     cfg = read_pkl(path)
     if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
         raise UserError(f"{path} lacks imlist, qimlist or gnd: use revisitop's gnd_<dataset>.pkl")
-    gnd = [{"easy": ids(g.get("easy", [])), "hard": ids(g.get("hard", [])), "junk": ids(g.get("junk", [])),
-            "bbx": [float(v) for v in g["bbx"]] if g.get("bbx") is not None else None} for g in cfg["gnd"]]
+    try:
+        gnd = [{"easy": ids(g.get("easy", [])), "hard": ids(g.get("hard", [])), "junk": ids(g.get("junk", [])),
+                "bbx": [float(v) for v in g["bbx"]] if g.get("bbx") is not None else None} for g in cfg["gnd"]]
+    except (AttributeError, TypeError, ValueError) as e:
+        raise UserError(f"{path} has a malformed gnd entry ({e}): use revisitop's gnd_<dataset>.pkl") from e
     return ([folder / f"{name}.jpg" for name in cfg["imlist"]], [folder / f"{name}.jpg" for name in cfg["qimlist"]],
             gnd)
 

@@ -325,8 +325,8 @@ def segment_semantic(model, args, device, precision, output_dir, log):
         lut[ignore] = len(ids)
     class_ids = np.array(ids, dtype=np.uint8)
     checked = [check_semantic_run(run, lut, classes_path, ignore, args.label_every) for run in runs]
-    log.info(f"{len(runs)} run(s), {len(ids)} classes, ignore id {ignore}, reference frames every "
-             f"{args.label_every or 'video (first only)'}")
+    every = f"every {args.label_every}th frame" if args.label_every else "the first frame only"
+    log.info(f"{len(runs)} run(s), {len(ids)} classes, ignore id {ignore}, reference frames: {every}")
     palette, total = davis_palette(), np.zeros((len(ids), len(ids)), dtype=np.int64)
     for run, (frames, labels, references) in zip(runs, checked):
         def reference_labels(i, grid):

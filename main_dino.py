@@ -176,7 +176,7 @@ def main(args):
     device = resolve_device(args.device, dist.world_from_env()[2])
     rank, world_size, _ = dist.init_distributed(device)
     if args.fsdp:
-        fsdp.check_fsdp(device)
+        fsdp.check_fsdp(device, args.knn_every)
     precision = resolve_precision(device, args.precision)
     log = setup_logger()
     output_dir = Path(args.output_dir)

@@ -18,8 +18,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from core import distributed as dist
 from core.augment import eval_resize, eval_transform, finetune_transform
-from core.checkpoint import (check_state_dict, check_writable, extract_backbone, load_file, read_backbone,
-                             resume_run, rng_state, save_checkpoint, use_source_norm_eps)
+from core.checkpoint import (MidEpochCheckpoints, check_state_dict, check_writable, extract_backbone, load_file,
+                             read_backbone, resume_run, rng_state, save_checkpoint, use_source_norm_eps)
 from core.config import VIT_MODELS, add_mae_launcher_args, parse_args
 from core.data import ImageDataset, MicroBatches, build_loader
 from core.device import autocast, make_grad_scaler, resolve_device, resolve_precision
@@ -114,6 +114,9 @@ def get_args_parser():
                    help="Where checkpoints and log.txt go; a run restarted here resumes.")
     p.add_argument("--saveckp_freq", default=20, type=int,
                    help="Keep checkpoint-EPOCH.pth every this many epochs and at the last (0: only the last).")
+    p.add_argument("--checkpoint_every_minutes", default=10, type=float,
+                   help="Also write checkpoint.pth within an epoch this often, with the position in the epoch: a "
+                        "killed run resumes at that batch and loses at most this much work (0 disables).")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--num_workers", default=10, type=int, help="Data loading processes per device.")
     p.add_argument("--pin_mem", action="store_true", default=True,
@@ -240,6 +243,9 @@ def main(args):
     log = setup_logger()
     if args.accum_iter < 1:
         raise UserError(f"--accum_iter must be at least 1, got {args.accum_iter}")
+    if not args.checkpoint_every_minutes >= 0:
+        raise UserError(f"--checkpoint_every_minutes must be a number >= 0 (0 disables), got "
+                        f"{args.checkpoint_every_minutes}")
     output_dir = Path(args.output_dir)
     if dist.is_main_process():  # rank 0 does all writing; ranks probing at once would race on one file
         check_writable(output_dir)
@@ -288,27 +294,38 @@ def main(args):
              f"per epoch of {effective_batch} images; lr {lr:.3g}; device {device}, precision {precision}, "
              f"{world_size} process(es)")
 
+
+    def checkpoint(epoch, **position):
+        """The state after `epoch` (the last finished one, as the original counts; `position` within the next
+        one). Every process calls it: the RNG states are gathered."""
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "scaler": scaler.state_dict() if scaler is not None else {}, "args": vars(args),
+                "max_accuracy": max_accuracy, "rng": dist.all_gather_objects(rng_state()), **position}
+
     ckpt_path = output_dir / "checkpoint.pth"
-    resumed, run = resume_run(output_dir, args.resume, {"epoch": args.start_epoch - 1, "max_accuracy": 0.0},
+    resumed, run = resume_run(output_dir, args.resume, {"epoch": args.start_epoch - 1, "max_accuracy": 0.0,
+                                                        "epoch_step": 0, "epoch_totals": None},
                               model=model, optimizer=optimizer, scaler=scaler)
     start_epoch, max_accuracy = run["epoch"] + 1, run["max_accuracy"]
     if resumed:
-        log.info(f"resumed from {resumed} at epoch {start_epoch}")
+        log.info(f"resumed from {resumed} at epoch {start_epoch}, step {run['epoch_step']}")
+    mid_epoch = MidEpochCheckpoints(ckpt_path, args.checkpoint_every_minutes, steps_per_epoch,
+                                    lambda epoch, **position: checkpoint(epoch - 1, **position))
+    mid_epoch.resume(run)
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         train.set_epoch(epoch)
         # timm's Mixup and RandAugment draw from numpy's global generator: reseeded per epoch, a resumed run draws
-        # what an uninterrupted one would.
-        np.random.seed([args.seed, rank, epoch])
+        # what an uninterrupted one would (mid-epoch, from the generator's state in the checkpoint).
+        if epoch > start_epoch or not run["epoch_step"]:
+            np.random.seed([args.seed, rank, epoch])
         train_stats = train_one_epoch(model_ddp, model, criterion, mixup_fn, loader, optimizer, scaler, lr_schedule,
-                                      epoch, steps_per_epoch, device, precision, args, ckpt_path, tb)
+                                      epoch, steps_per_epoch, device, precision, args, ckpt_path, tb, mid_epoch)
         test_stats = evaluate(model, val_loader, device, precision)
         tb.add(epoch, {f"perf/test_{k}": test_stats[k] for k in ("acc1", "acc5", "loss")})
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
-        save = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "scaler": scaler.state_dict() if scaler is not None else {}, "args": vars(args),
-                "max_accuracy": max_accuracy, "rng": dist.all_gather_objects(rng_state())}
+        save = checkpoint(epoch)
         if dist.is_main_process():
             save_checkpoint(save, ckpt_path)
             if args.saveckp_freq and (epoch % args.saveckp_freq == 0 or epoch + 1 == args.epochs):
@@ -319,6 +336,7 @@ def main(args):
             append_json_line(output_dir / "log.txt", {**{f"train_{k}": v for k, v in train_stats.items()},
                                                       **{f"test_{k}": v for k, v in test_stats.items()},
                                                       "max_accuracy": max_accuracy, "epoch": epoch})
+        mid_epoch.restart()
         log.info(f"epoch {epoch}: loss {train_stats['loss']:.4f}, val top-1 {test_stats['acc1']:.2f}% "
                  f"(best {max_accuracy:.2f}%), top-5 {test_stats['acc5']:.2f}%")
         tb.flush()
@@ -329,11 +347,12 @@ def main(args):
 
 
 def train_one_epoch(model_ddp, model, criterion, mixup_fn, loader, optimizer, scaler, lr_schedule, epoch,
-                    steps_per_epoch, device, precision, args, ckpt_path, tb):
+                    steps_per_epoch, device, precision, args, ckpt_path, tb, mid_epoch):
     model_ddp.train()
-    total_loss, n_loss = 0.0, 0
+    start_step, totals = mid_epoch.start()  # a run resumed mid-epoch goes on from there with the epoch's sums
+    total_loss, n_loss = totals.get("loss", 0.0), totals.get("count", 0)
     progress = Progress(steps_per_epoch, epoch, args.batch_size * args.accum_iter)
-    batches = MicroBatches(loader, steps_per_epoch, args.accum_iter, epoch)
+    batches = MicroBatches(loader, steps_per_epoch, args.accum_iter, epoch, start_step, totals.get("n_bad", 0))
     for it, first_micro, last_micro, (samples, targets) in batches:
         if first_micro:
             set_lr(optimizer, lr_schedule[it])
@@ -359,6 +378,7 @@ def train_one_epoch(model_ddp, model, criterion, mixup_fn, loader, optimizer, sc
         tb.add(epoch_1000x(it, steps_per_epoch, args.accum_iter),
                {"loss": tb.mean(loss_value, device), "lr": max(group["lr"] for group in optimizer.param_groups),
                 "images_per_s": images_per_s})
+        mid_epoch.save_if_due(it, {"loss": total_loss, "count": n_loss, "n_bad": batches.n_bad}, device)
     progress.close()
     loss, n_bad = epoch_totals(total_loss, n_loss, batches.n_bad, device, epoch)
     return {"loss": loss, "lr": float(lr_schedule[(epoch + 1) * steps_per_epoch - 1]), "skipped_images": n_bad}

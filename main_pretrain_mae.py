@@ -109,9 +109,6 @@ def check_args(args):
     if not args.checkpoint_every_minutes >= 0:
         raise UserError(f"--checkpoint_every_minutes must be a number >= 0 (0 disables), got "
                         f"{args.checkpoint_every_minutes}")
-    if args.fsdp and args.knn_every:
-        raise UserError("--knn_every does not run on a sharded (--fsdp) model: drop it and run eval_knn.py on the "
-                        "checkpoints")
 
 
 def is_due(epoch, freq, epochs):
@@ -128,7 +125,7 @@ def main(args):
     log = setup_logger()
     check_args(args)
     if args.fsdp:
-        fsdp.check_fsdp(device)
+        fsdp.check_fsdp(device, args.knn_every)
     output_dir = Path(args.output_dir)
     if dist.is_main_process():  # rank 0 does all writing; ranks probing at once would race on one file
         check_writable(output_dir)

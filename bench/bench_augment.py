@@ -167,8 +167,9 @@ def main(args):
     print(f"{'path':<12}{'samples/s/core':>16}{'wall samples/s':>16}{'vs original':>13}")
     for name in paths:
         print(f"{name:<12}{per_core[name]:>16.1f}{wall[name]:>16.1f}{per_core[name] / per_core['original']:>12.2f}x")
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu, 1 thread"
-    print(f"gpu_stage: {stage:.1f} samples/s on {where} (batch {args.gpu_batch if device.type == 'cuda' else args.batch_size})")
+    where = (f"{torch.cuda.get_device_name(device)}, batch {args.gpu_batch}" if device.type == "cuda"
+             else f"cpu, 1 thread, batch {args.batch_size}")
+    print(f"gpu_stage: {stage:.1f} samples/s ({where})")
     print(f"ours/original: {per_core['ours'] / per_core['original']:.2f}x per core; --gpu_augment CPU side: "
           f"{per_core['gpu_cpu'] / per_core['original']:.2f}x")
     if args.profile:

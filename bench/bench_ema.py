@@ -7,11 +7,12 @@ The parameters are those of a DINO student and teacher (ViT-S/16 and a 65536-wid
   fused     torch.ops.dinossl.ema_update_ (`make -C ema`): one pass reading teacher and student, writing teacher.
 The fused and foreach teachers must be bit-identical after the same updates; the script checks it.
 
-    python bench/bench_ema.py                       # CPU, a few seconds
+    python bench/bench_ema.py                       # CPU, under a minute (--threads 1 on a busy machine)
     python bench/bench_ema.py --device cuda --steps 50
 """
 import argparse
 import copy
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,8 @@ def get_args_parser():
     p.add_argument("--out_dim", default=65536, type=int, help="DINO head output dimension (recipe: 65536).")
     p.add_argument("--momentum", default=0.996, type=float)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--steps", default=10, type=int, help="Timed updates per path.")
+    p.add_argument("--threads", default=0, type=int, help="CPU threads (0: torch's default).")
+    p.add_argument("--steps", default=10, type=int, help="Timed updates per path, the paths taking turns.")
     p.add_argument("--warmup", default=2, type=int, help="Untimed updates first.")
     return p
 
@@ -55,19 +57,24 @@ def fused_update(teacher, student, m):
 
 
 @torch.no_grad()
-def ms_per_update(update, teacher, student, args, device):
-    for _ in range(args.warmup):
-        update(teacher, student, args.momentum)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        update(teacher, student, args.momentum)
-    synchronize(device)
-    return 1000 * (time.perf_counter() - start) / args.steps
+def median_ms(paths, teachers, student, args, device):
+    """Median time of one update per path, the paths taking turns so that a change in machine load hits all alike."""
+    times = {name: [] for name in paths}
+    for i in range(args.warmup + args.steps):
+        for name, update in paths.items():
+            synchronize(device)
+            start = time.perf_counter()
+            update(teachers[name], student, args.momentum)
+            synchronize(device)
+            if i >= args.warmup:
+                times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(args):
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     vit = build_vit(args.arch, args.patch_size)
     student = MultiCropWrapper(vit, DINOHead(vit.embed_dim, args.out_dim)).to(device)
@@ -82,10 +89,10 @@ def main(args):
     else:
         print(f"fused: not built for {device.type}, so only the PyTorch paths run (build it with make -C ema)")
     results = {name: copy.deepcopy(teacher) for name in paths}
-    times = {name: ms_per_update(update, results[name], student, args, device) for name, update in paths.items()}
+    times = median_ms(paths, results, student, args, device)
     print(f"config: {args.arch}/{args.patch_size} + DINO head ({args.out_dim}), {n_params / 1e6:.1f} M parameters "
           f"per network, {device.type}, {torch.get_num_threads()} threads, momentum {args.momentum}")
-    print(f"{'path':<10}{'ms/update':>11}{'GB/s*':>8}{'vs original':>13}")
+    print(f"{'path':<10}{'median ms':>11}{'GB/s*':>8}{'vs original':>13}")
     for name, ms in times.items():
         print(f"{name:<10}{ms:>11.1f}{3 * 4 * n_params / ms / 1e6:>8.1f}{times['original'] / ms:>12.2f}x")
     print("* effective bandwidth: one read of teacher and student and one write of teacher per update, fp32")

@@ -1,22 +1,25 @@
 """Video label propagation frames/s on a real DAVIS sequence, ours against the original algorithm, same run.
 
 Both paths get the same frames at the same resolution (short side 480, as the original) and the same patch features
-of one backbone (random weights by default: speed does not depend on them), extracted once and timed apart.
+of one random backbone (speed does not depend on the weights), extracted once and timed apart. Each figure is
+the median time per frame, so that stalls of a shared machine stay out of it.
   ours      core.video_segmentation.LabelPropagation: neighbourhood mask built from two 1-D bands and cached per grid
             size, one matrix product against a ring buffer of context features, top-k of the masked cosines, and
             exponentials only for the k kept;
   baseline  the original's algorithm written here: the mask filled by a Python loop over every (patch, offset) pair
             once per video, the full exp(cos / 0.1) affinity to every context patch, multiplied by the mask, top-k
             along the source axis, thresholding, normalisation, and a per-channel loop for the min-max step.
-"propagation" times the label propagation of every frame after the first (mask included, once per video as in the
-original); "per frame" leaves the mask out; "end to end" adds the feature extraction, upsampling and arg-max.
+"propagation" is the label propagation of the video's frames after the first plus its neighbourhood mask (built
+once per video by the original); "per frame" leaves the mask out; "end to end" adds feature extraction, upsampling
+and arg-max.
 Both paths must give the same masks; the script checks it.
 
-    python bench/bench_propagation.py                       # blackswan, all 50 frames, vit_small/16, CPU: minutes
+    python bench/bench_propagation.py --threads 1           # blackswan, all 50 frames, vit_small/16, CPU: minutes
     python bench/bench_propagation.py --sequence dog --frames 30 --device cuda
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,6 +55,8 @@ def get_args_parser():
     p.add_argument("--size_mask_neighborhood", default=12, type=int)
     p.add_argument("--topk", default=5, type=int)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", default=0, type=int,
+                   help="CPU threads for torch (0: its default); 1 gives steadier figures on a busy machine.")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "bf16"],
                    help="Feature extraction precision (the same for both paths).")
     return p
@@ -110,6 +115,12 @@ def timed(device, fn):
     return out, time.perf_counter() - start
 
 
+def per_frame(device, fns):
+    """(outputs, median seconds per call): the median keeps a shared machine's stalls out of the figure."""
+    outputs, seconds = zip(*(timed(device, fn) for fn in fns))
+    return list(outputs), statistics.median(seconds)
+
+
 def load_sequence(args):
     frames_dir = Path(args.data_path) / "JPEGImages" / "480p" / args.sequence
     frames = sorted(frames_dir.glob("*.jpg"))[:args.frames or None]
@@ -122,75 +133,70 @@ def load_sequence(args):
 
 def propagate_ours(features, labels, grid, args):
     propagate = LabelPropagation(features[0], labels, grid, args.n_last_frames, args.topk, args.size_mask_neighborhood)
-    return [propagate(f) for f in features[1:]]
+    return [lambda f=f: propagate(f) for f in features[1:]]
 
 
 def propagate_original(features, labels, grid, args, mask):
-    first = labels.T.reshape(1, -1, *grid)
-    queue, out = [], []
-    for f in features[1:]:
+    first, queue = labels.T.reshape(1, -1, *grid), []
+
+    def step(f):
+        nonlocal queue
         seg = original_propagation(f, [features[0].T] + [q[0] for q in queue], [first] + [q[1] for q in queue],
                                    mask, args.topk)
         queue = (queue + [(f.T, seg)])[-args.n_last_frames:] if args.n_last_frames else []
-        out.append(seg)
-    return out
+        return seg
+
+    return [lambda f=f: step(f) for f in features[1:]]
 
 
 @torch.inference_mode()
 def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     precision = resolve_precision(device, args.precision)
     frames, first_mask = load_sequence(args)
     torch.manual_seed(0)
     model = build_vit(args.arch, args.patch_size).to(device).eval()
 
-    def extract():
-        features = []
-        for path in frames:
-            image = prepare_frame(read_rgb(path), args.short_side)[None].to(device)
-            with autocast(device, precision):
-                features.append(patch_features(model, image)[0])
-        return features
+    def extract(path):
+        image = prepare_frame(read_rgb(path), args.short_side)[None].to(device)
+        with autocast(device, precision):
+            return patch_features(model, image)[0]
 
-    features, extract_s = timed(device, extract)
+    features, extract_s = per_frame(device, [lambda p=p: extract(p) for p in frames])
     rgb = read_rgb(frames[0])
     out_hw, size = tuple(rgb.shape[1:]), prepare_frame(rgb, args.short_side).shape[1:]
     grid = (size[0] // args.patch_size, size[1] // args.patch_size)
     labels = one_hot_grid(first_mask, grid, int(first_mask.max()) + 1).to(device)
     radius, n = args.size_mask_neighborhood, len(frames) - 1
 
-    def ours():
-        neighbourhood_mask.cache_clear()
-        return propagate_ours(features, labels, grid, args)
-
-    def baseline():
-        mask = restrict_neighborhood_loop(*grid, radius).to(device) if radius > 0 else None
-        return propagate_original(features, labels, grid, args, mask)
-
-    ours_labels, ours_s = timed(device, ours)
-    base_labels, base_s = timed(device, baseline)
-    _, ours_frame_s = timed(device, lambda: propagate_ours(features, labels, grid, args))
-    mask = restrict_neighborhood_loop(*grid, radius).to(device) if radius > 0 else None
-    _, base_frame_s = timed(device, lambda: propagate_original(features, labels, grid, args, mask))
-    ours_masks, ours_post_s = timed(device, lambda: [labels_to_mask(x, grid, args.patch_size, out_hw)
-                                                     for x in ours_labels])
-    base_masks, base_post_s = timed(device, lambda: [original_mask(x.clone(), args.patch_size, out_hw)
-                                                     for x in base_labels])
+    neighbourhood_mask.cache_clear()
+    _, ours_mask_s = timed(device, lambda: neighbourhood_mask(*grid, radius, str(device)))
+    mask, base_mask_s = timed(device, lambda: restrict_neighborhood_loop(*grid, radius).to(device))
+    ours_labels, ours_s = per_frame(device, propagate_ours(features, labels, grid, args))
+    base_labels, base_s = per_frame(device, propagate_original(features, labels, grid, args, mask))
+    ours_masks, ours_post_s = per_frame(device, [lambda x=x: labels_to_mask(x, grid, args.patch_size, out_hw)
+                                                 for x in ours_labels])
+    base_masks, base_post_s = per_frame(device, [lambda x=x: original_mask(x.clone(), args.patch_size, out_hw)
+                                                 for x in base_labels])
     diff = max((a - b.reshape(b.shape[1], -1).T).abs().max().item() for a, b in zip(ours_labels, base_labels))
     agree = sum((a == b).mean() for a, b in zip(ours_masks, base_masks)) / n
 
+    ours_video, base_video = ours_mask_s + n * ours_s, base_mask_s + n * base_s
     print(f"{args.sequence}: {n} propagated frames at {size[1]}x{size[0]} ({grid[0]}x{grid[1]} patches), "
           f"{args.arch}/{args.patch_size}, {1 + args.n_last_frames} context frames, window {2 * radius + 1}, "
-          f"top-{args.topk}, {device}")
-    print(f"  propagation  ours {n / ours_s:8.2f} frames/s | original algorithm {n / base_s:8.2f} frames/s | "
-          f"ratio {base_s / ours_s:.1f}x  (neighbourhood mask built once per video, as the original)")
-    print(f"  per frame    ours {n / ours_frame_s:8.2f} frames/s | original algorithm {n / base_frame_s:8.2f} "
-          f"frames/s | ratio {base_frame_s / ours_frame_s:.1f}x  (mask already built)")
-    shared = n * extract_s / len(frames)
-    end_ours, end_base = shared + ours_s + ours_post_s, shared + base_s + base_post_s
+          f"top-{args.topk}, {device}, {torch.get_num_threads()} thread(s); median time per frame")
+    print(f"  propagation  ours {n / ours_video:8.2f} frames/s | original algorithm {n / base_video:8.2f} frames/s | "
+          f"ratio {base_video / ours_video:.1f}x  (the video's frames plus its neighbourhood mask: ours "
+          f"{ours_mask_s:.3f} s, the original's loop {base_mask_s:.1f} s)")
+    print(f"  per frame    ours {1 / ours_s:8.2f} frames/s | original algorithm {1 / base_s:8.2f} frames/s | "
+          f"ratio {base_s / ours_s:.1f}x  (mask left out)")
+    end_ours = ours_video + n * (extract_s + ours_post_s)
+    end_base = base_video + n * (extract_s + base_post_s)
     print(f"  end to end   ours {n / end_ours:8.2f} frames/s | original algorithm {n / end_base:8.2f} frames/s | "
-          f"ratio {end_base / end_ours:.2f}x  (with feature extraction at {len(frames) / extract_s:.2f} frames/s, "
-          f"the same for both, and upsampling)")
+          f"ratio {end_base / end_ours:.2f}x  (with the shared feature extraction, {1 / extract_s:.2f} frames/s, "
+          f"and the upsampling)")
     print(f"  same result: soft labels max abs diff {diff:.1e}, identical mask pixels {100 * agree:.3f}%")
 
 

@@ -41,7 +41,7 @@ def get_args_parser():
     p.add_argument("--arch", default="vit_small", type=str)
     p.add_argument("--patch_size", default=16, type=int)
     p.add_argument("--imsize", default=224, type=int, help="Longer side after the thumbnail (DINO's default).")
-    p.add_argument("--n_images", default=32, type=int, help="Generated images (without --data_path).")
+    p.add_argument("--n_images", default=24, type=int, help="Generated images (without --data_path).")
     p.add_argument("--data_path", default=None, type=str, help="A folder of images to use instead.")
     p.add_argument("--batch_size", default=16, type=int, help="Our path's images per batch (same-size images).")
     p.add_argument("--num_workers", default=2, type=int, help="Data-loading workers, both paths.")

@@ -11,9 +11,10 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from core.distributed import all_gather_objects, all_reduce_sum, get_rank, is_main_process
+from core.distributed import all_gather_objects, all_reduce_sum, get_rank, get_world_size, is_main_process
 from core.errors import UserError
 from core.hf_vit import is_foreign, read_foreign
 from core.log import setup_logger
@@ -81,9 +82,12 @@ def load_file(path):
 def rng_state():
     """Every random generator a training step draws from, so that a resumed run continues exactly.
 
-    Callers store one per process (a list in rank order), since each process seeds its own generators.
+    Callers store one per process (a list in rank order), since each process seeds its own generators. numpy's
+    is among them (timm's Mixup draws from it between the steps of an epoch), as a tensor for weights_only loading.
     """
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -92,6 +96,9 @@ def rng_state():
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
+    if "numpy" in state:
+        keys, pos, has_gauss, cached_gaussian = state["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -163,8 +170,6 @@ class MidEpochCheckpoints:
     back anyway, so that no other step waits for the device."""
 
     def __init__(self, path, minutes, steps_per_epoch, state):
-        if not minutes >= 0:
-            raise UserError(f"--checkpoint_every_minutes must be a number >= 0 (0 disables), got {minutes}")
         self.path, self.seconds, self.steps, self.state = Path(path), minutes * 60, steps_per_epoch, state
         self.step, self.totals = 0, [{}]
         self.restart()
@@ -176,6 +181,10 @@ class MidEpochCheckpoints:
     def resume(self, run_variables):
         """Take the position of a restored checkpoint (`epoch_step` and `epoch_totals` among its run variables)."""
         self.step, self.totals = run_variables.get("epoch_step") or 0, run_variables.get("epoch_totals") or [{}]
+        if self.step and len(self.totals) != get_world_size():
+            raise UserError(f"{self.path} was written mid-epoch by {len(self.totals)} process(es), whose share of the "
+                            f"epoch this run cannot continue: restart with {len(self.totals)} process(es), or "
+                            f"start from an end-of-epoch checkpoint in a new --output_dir")
 
     def start(self):
         """(steps already done, this process's running totals) of the epoch about to run: the resumed position for

@@ -111,14 +111,12 @@ def collate_skip_bad(batch):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way: a run resumed mid-epoch skips the samples of this
-    process's share that it has trained on and sees the rest in the same order. set_epoch clears the offset."""
+    """DistributedSampler that can start an epoch part-way: a run resumed mid-epoch skips the `start` samples of
+    this process's share that it has trained on and sees the rest in the same order (MicroBatches sets `start`
+    before each epoch's iterator is created; the sampler is iterated in the main process, persistent workers or
+    not)."""
 
     start = 0
-
-    def set_epoch(self, epoch, start=0):
-        super().set_epoch(epoch)
-        self.start = start
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.start, None)

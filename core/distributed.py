@@ -103,7 +103,11 @@ def maybe_ddp(model, device):
 
 
 def sync_unless(model_ddp, last_micro):
-    """DDP's no_sync for all but a step's last micro-batch, so gradients are all-reduced once per step."""
+    """DDP's no_sync for all but a step's last micro-batch, so gradients are all-reduced once per step; a sharded
+    (FSDP2) model likewise reduce-scatters only in the step's last backward."""
+    if hasattr(model_ddp, "set_requires_gradient_sync"):
+        model_ddp.set_requires_gradient_sync(last_micro)
+        return contextlib.nullcontext()
     if last_micro or not isinstance(model_ddp, torch.nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
     return model_ddp.no_sync()

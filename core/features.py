@@ -170,7 +170,8 @@ def gather_rows(rows, device):
     sizes = dist.all_gather_tensors(torch.tensor([[len(rows), rows[0].numel() if len(rows) else 0]], device=comm))
     n, width = sizes.max(dim=0).values.tolist()
     padded = torch.zeros(n, width, dtype=rows.dtype, device=comm)
-    padded[:len(rows)] = rows.reshape(len(rows), -1).to(comm)
+    if len(rows):  # a process may have no rows (more processes than batches)
+        padded[:len(rows)] = rows.reshape(len(rows), -1).to(comm)
     parts = dist.all_gather_tensors(padded).cpu().split(n)
     return torch.cat([part[:count] for part, (count, _) in zip(parts, sizes.tolist())])
 
@@ -264,10 +265,10 @@ def extract_list_features(embed, dataset, size_keys, device, precision, batch_si
             with autocast(device, precision):
                 features.append(embed(images).float().cpu())
             indices.append(torch.tensor([[index] for _, index in group]))
-    all_bad = gather_rows(torch.tensor(bad, dtype=torch.long).reshape(-1, 1), device)
-    if len(all_bad):
-        raise UserError(f"cannot decode image {dataset.paths[int(all_bad.min())]} ({len(all_bad)} unreadable in "
-                        f"all): replace the file(s)")
+    all_bad = sorted(index for part in dist.all_gather_objects(bad) for index in part)
+    if all_bad:
+        raise UserError(f"cannot decode image {dataset.paths[all_bad[0]]} ({len(all_bad)} unreadable in all): "
+                        f"replace the file(s)")
     local = torch.cat(features) if features else torch.zeros(0, 0)
     local_indices = torch.cat(indices) if indices else torch.zeros(0, 1, dtype=torch.long)
     all_features, all_indices = gather_rows(local, device), gather_rows(local_indices, device)

@@ -16,6 +16,7 @@ blur approximating the same Gaussian (the kernel covers 3 sigma each side, 13 ta
 own ColorJitter draws one order per batch and its RandomSolarize a random threshold, so those are ours.
 """
 import importlib.util
+import itertools
 import math
 
 import numpy as np
@@ -119,6 +120,12 @@ def take(params, rows):
     return {k: take(v, rows) if isinstance(v, dict) else v[rows] for k, v in params.items()}
 
 
+def concat(params):
+    """The parameters of several views as those of one batch holding them one after the other."""
+    return {k: concat([p[k] for p in params]) if isinstance(params[0][k], dict) else torch.cat([p[k] for p in params])
+            for k in params[0]}
+
+
 class GPUAugmentDINO:
     """Finishes the crops of core.augment.DataAugmentationDINO(photometric=False) on the device they are on.
 
@@ -147,11 +154,17 @@ class GPUAugmentDINO:
         """crops: one (N, H, W, 3) uint8 batch per view on the device; returns normalised (N, 3, H, W) floats.
         A batch short of undecodable images takes the first rows."""
         rows = self.rows[:len(crops[0])]
-        params = self.draw(self.global_batch, step, micro)
-        return [self.augment(c, take(p, rows)) for c, p in zip(crops, params)]
+        params = [take(p, rows) for p in self.draw(self.global_batch, step, micro)]
+        out = []
+        # Views with the same settings (the local ones) go through as one batch: fewer, larger kernels.
+        for _, group in itertools.groupby(range(len(crops)), key=lambda v: self.views[v]):
+            group = list(group)
+            x = self.augment(torch.cat([crops[v] for v in group]), concat([params[v] for v in group]))
+            out += x.chunk(len(group))
+        return out
 
     def augment(self, crops, p):
-        x = crops.permute(0, 3, 1, 2).float().div_(255).contiguous()
+        x = crops.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
         for position in range(len(JITTER)):
             for op, name in enumerate(JITTER):
                 apply_to(x, p["jitter"] & (p["order"][:, position] == op), COLOR_OPS[name], p["factors"][name])

@@ -10,8 +10,8 @@ and steps the optimizer every `--accum_iter` micro-batches. The student is fixed
 teacher update of the previous step, t = m t + (1 - m) s, is applied as `accum_iter` updates with m^(1 / accum_iter)
 inside the graph (the same end point, in any micro-batch order); at the end of an epoch the host applies the last
 step's update, so checkpoints hold what the GPU loop holds. The DINO centre is updated on the host once per call from
-the teacher output sums the step returns. Schedules (lr, wd, momentum) advance once per call, i.e. per optimizer
-step with --device_iterations 1 (the default).
+the teacher output sums the step returns. lr, weight decay and centre advance once per host call, i.e. once per
+optimizer step with --device_iterations 1 (the default); the EMA factor is given per step.
 """
 import contextlib
 import random
@@ -73,6 +73,14 @@ def micro_ema_factor(momentum_schedule, it, steps_per_epoch, accum_iter):
     if it % steps_per_epoch == 0:
         return 1.0
     return float(momentum_schedule[it - 1]) ** (1.0 / accum_iter)
+
+
+def row_ema_factors(momentum_schedule, it, steps_per_epoch, accum_iter, device_iterations, rows):
+    """The host's ema_factor input for a call starting at step `it`: one row per micro-batch, device iterations
+    outermost (poptorch feeds each device iteration the next slice), so each of the call's steps gets its own factor."""
+    per_step = rows // device_iterations
+    return torch.tensor([micro_ema_factor(momentum_schedule, it + k, steps_per_epoch, accum_iter)
+                         for k in range(device_iterations) for _ in range(per_step)])
 
 
 def dino_cross_entropy(student_out, teacher_out, center, teacher_temp, ncrops, student_temp=0.1):
@@ -270,10 +278,10 @@ def train_dino(args, build_models):
                 g["lr"] = 0.0 if frozen else float(schedules["lr"][it])
                 g["weight_decay"] = float(schedules["wd"][it]) if g["apply_wd"] else 0.0
             model.setOptimizer(optimizer)
-            factor = micro_ema_factor(schedules["momentum"], it, steps_per_epoch, args.accum_iter)
+            factors = row_ema_factors(schedules["momentum"], it, steps_per_epoch, args.accum_iter,
+                                      args.device_iterations, rows)
             temp = float(dino_loss.teacher_temp_schedule[epoch])
-            loss, teacher_sums = model(crops, torch.full((rows,), factor), dino_loss.center.expand(rows, -1),
-                                       torch.full((rows,), temp))
+            loss, teacher_sums = model(crops, factors, dino_loss.center.expand(rows, -1), torch.full((rows,), temp))
             loss_value = float(loss.float().mean())
             check_finite(loss_value, it, epoch, ckpt_path, "Raise --loss_scaling headroom (lower it) or use fp32")
             dino_loss.pending_sum += teacher_sums.float().sum(dim=0, keepdim=True)
@@ -284,8 +292,8 @@ def train_dino(args, build_models):
         ema_update(teacher, student, float(schedules["momentum"][(epoch + 1) * steps_per_epoch - 1]))
         model.copyWeightsToDevice()
         stats = {"loss": total / calls, "lr": float(schedules["lr"][(epoch + 1) * steps_per_epoch - 1])}
-        save = {"student": {f"module.{k}": v.float() for k, v in student.state_dict().items()},
-                "teacher": {k: v.float() for k, v in teacher.state_dict().items()},
+        save = {"student": {f"module.{k}": v for k, v in _fp32(student.state_dict()).items()},
+                "teacher": _fp32(teacher.state_dict()),
                 "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "args": vars(args),
                 "dino_loss": dino_loss.state_dict()}
         if main_instance:
@@ -296,6 +304,11 @@ def train_dino(args, build_models):
         log.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.6g}" for k, v in stats.items()))
     model.detachFromDevice()
     return output_dir
+
+
+def _fp32(state_dict):
+    """Checkpoints keep fp32 weights, as the GPU loop's, whatever precision the IPU trained in."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 class _Traced(nn.Module):

@@ -159,6 +159,8 @@ class KNNMonitor:
     """
 
     def __init__(self, data_path, crop, every, epochs, max_train=10000, batch_size=128, num_workers=10):
+        if max_train < MONITOR_K:
+            raise UserError(f"--knn_max_train must be at least k = {MONITOR_K}, got {max_train}")
         transform = eval_transform(eval_resize(crop), crop)
         self.train, self.val = labelled_datasets(data_path, transform, transform)
         if len(self.train) > max_train:
@@ -167,8 +169,8 @@ class KNNMonitor:
             self.train.samples = [self.train.samples[i] for i in keep]
             self.train.targets = [t for _, t in self.train.samples]
         if len(self.train) < MONITOR_K:
-            raise UserError(f"the k-NN monitor needs at least {MONITOR_K} training images, {self.train.root} gives "
-                            f"{len(self.train)}: raise --knn_max_train or add images")
+            raise UserError(f"the k-NN monitor needs at least {MONITOR_K} training images, {self.train.root} has "
+                            f"{len(self.train)}: add images")
         self.every, self.epochs, self.batch_size, self.num_workers = every, epochs, batch_size, num_workers
 
     def due(self, epoch):

@@ -47,7 +47,8 @@ void launch(const std::vector<std::pair<at::Tensor, at::Tensor>>& pairs, double 
     }
   }
   if (host.empty()) return;
-  auto pinned = at::empty({static_cast<int64_t>(host.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  const auto options = at::TensorOptions().dtype(at::kLong).pinned_memory(true);
+  auto pinned = at::empty({static_cast<int64_t>(host.size())}, options);
   std::copy(host.begin(), host.end(), pinned.data_ptr<int64_t>());
   auto chunks = pinned.to(device, /*non_blocking=*/true);
   const auto blocks = static_cast<unsigned int>(host.size() / 4);

@@ -6,8 +6,9 @@ CXXFLAGS ?= -O3
 CUDA_ARCHS ?= 75 80 90
 WITH_CUDA ?= auto
 
-TORCH_INFO := $(shell $(PYTHON) -c "import torch; from torch.utils import cpp_extension as c; print(torch.__version__, \
-  torch.version.cuda or 'none', int(torch._C._GLIBCXX_USE_CXX11_ABI), *c.library_paths(), *c.include_paths())" 2>/dev/null)
+TORCH_INFO := $(shell $(PYTHON) -c "import torch; from torch.utils import cpp_extension as c; \
+  print(torch.__version__, torch.version.cuda or 'none', int(torch._C._GLIBCXX_USE_CXX11_ABI), *c.library_paths(), \
+  *c.include_paths())" 2>/dev/null)
 TORCH_VERSION := $(word 1,$(TORCH_INFO))
 TORCH_CUDA := $(word 2,$(TORCH_INFO))
 TORCH_FLAGS := -D_GLIBCXX_USE_CXX11_ABI=$(word 3,$(TORCH_INFO)) $(addprefix -I,$(wordlist 5,99,$(TORCH_INFO)))

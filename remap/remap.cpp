@@ -31,7 +31,8 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& index) {
   const char* src = static_cast<const char*>(xc.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
   const int64_t* ids = ic.const_data_ptr<int64_t>();
-  at::parallel_for(0, B * K, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(D, 1));
+  at::parallel_for(0, B * K, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t j = ids[r];
       TORCH_CHECK(j >= 0 && j < L, "gather_tokens: index ", j, " out of range for ", L, " tokens");
@@ -56,7 +57,8 @@ at::Tensor scatter_add_tokens_cpu(const at::Tensor& src, const at::Tensor& index
     const scalar_t* s = sc.const_data_ptr<scalar_t>();
     acc_t* o = out.mutable_data_ptr<acc_t>();
     const int64_t* ids = ic.const_data_ptr<int64_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(K * D, 1)), [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(K * D, 1));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t i = 0; i < K; ++i) {
           const int64_t j = ids[b * K + i];

@@ -17,7 +17,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, 65535)); }
+unsigned int blocks_for(int64_t n) {
+  return static_cast<unsigned int>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, 65535));
+}
 
 template <typename T>
 __global__ void gather_kernel(const T* x, const int64_t* ids, T* out, int64_t K, int64_t L, int64_t D, int64_t n) {

@@ -10,11 +10,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as F1
 from torchvision.transforms.v2 import functional as F2
 
+from bench.bench_augment import original_augmentation
 from core import augment, gpu_augment
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
 from core.data import ImageDataset, build_loader
@@ -205,27 +206,6 @@ def test_persistent_workers_see_the_epoch(tmp_path):
     assert not torch.equal(views(reference, 1)[0], views(reference, 2)[0])
 
 
-def original_chain(global_size=224, local_size=96, local_crops_number=8):
-    """facebookresearch/dino's DataAugmentationDINO, rebuilt from torchvision's PIL transforms (blur sigma scaled by
-    global_size / 224, the project's one deviation, which is 1 at the recipe's sizes)."""
-    def blur(p):
-        scale = global_size / 224
-        return T.RandomApply([T.Lambda(lambda im: im.filter(ImageFilter.GaussianBlur(random.uniform(0.1, 2.0)
-                                                                                         * scale)))], p=p)
-
-    flip_jitter = [T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                   T.RandomGrayscale(p=0.2)]
-    tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    bicubic = T.InterpolationMode.BICUBIC
-    g1 = T.Compose([T.RandomResizedCrop(global_size, (0.4, 1.0), interpolation=bicubic)] + flip_jitter + [blur(1.0)]
-                   + tail)
-    g2 = T.Compose([T.RandomResizedCrop(global_size, (0.4, 1.0), interpolation=bicubic)] + flip_jitter
-                   + [blur(0.1), T.RandomApply([T.Lambda(ImageOps.solarize)], p=0.2)] + tail)
-    local = T.Compose([T.RandomResizedCrop(local_size, (0.05, 0.4), interpolation=bicubic)] + flip_jitter
-                      + [blur(0.5)] + tail)
-    return lambda im: [g1(im), g2(im)] + [local(im) for _ in range(local_crops_number)]
-
-
 def view_statistics(views):
     """Per view kind (global 1, global 2, local): grey fraction, mean level, mean contrast, mean sharpness."""
     stats = []
@@ -243,7 +223,7 @@ def test_view_statistics_match_the_original_on_real_images(shared_data):
     files = sorted((shared_data / "imagenette-160" / "train").glob("*/*.JPEG"))[::40][:200]
     images = [Image.open(f).convert("RGB") for f in files]
     sizes = dict(global_size=112, local_size=48, local_crops_number=2)
-    original, ours = original_chain(**sizes), DataAugmentationDINO(**sizes)
+    original, ours = original_augmentation(**sizes), DataAugmentationDINO(**sizes)
     geometry = DataAugmentationDINO(**sizes, photometric=False)
     gpu = GPUAugmentDINO(geometry.views, geometry.sigma_scale, seed=0, batch_size=len(images))
     random.seed(0)

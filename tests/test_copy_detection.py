@@ -163,6 +163,16 @@ def test_own_folder_of_copies(tmp_path):
     assert set(results) == {"blur", "edits/small"} and all(0 < v <= 1 for v in results.values())
 
 
+def test_original_flags_and_defaults():
+    args = parse_args(eval_copy_detection.get_args_parser(), "eval_copy_detection", [])
+    assert {k: getattr(args, k) for k in ("data_path", "whitening_path", "distractors_path", "imsize",
+                                          "batch_size_per_gpu", "use_cuda", "checkpoint_key", "num_workers",
+                                          "dist_url", "local_rank")} == {
+        "data_path": "/path/to/copydays/", "whitening_path": "/path/to/whitening_data/",
+        "distractors_path": "/path/to/distractors/", "imsize": 320, "batch_size_per_gpu": 16, "use_cuda": True,
+        "checkpoint_key": "teacher", "num_workers": 10, "dist_url": "env://", "local_rank": 0}
+
+
 def cli_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: run(argv))

@@ -7,7 +7,6 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 import core.synthetic as synthetic
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, eval_transform

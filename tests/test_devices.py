@@ -1,8 +1,10 @@
 """HPU and IPU adapters without their vendor packages: clear errors, op-list checks, pipeline and batch arithmetic,
 the IPU step's teacher EMA and loss against the GPU loop's, and the IPU pod configurations."""
+import contextlib
 import copy
 import importlib.util
 import re
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -166,6 +168,16 @@ def test_micro_ema_factor_equals_one_update_per_step():
     assert ipu.micro_ema_factor(momentum, 5, steps, 2) == pytest.approx(momentum[4] ** 0.5)
 
 
+def test_row_ema_factors_give_each_device_iteration_its_step():
+    momentum = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.96, 0.97, 0.98]
+    # 3 device iterations x (2 accumulated x 2 replicas) rows, from the first step of the second epoch (6 steps each)
+    rows = ipu.row_ema_factors(momentum, 6, 6, 2, 3, 12)
+    # step 6 starts an epoch (the host applied step 5's 0.95); steps 7 and 8 apply those of steps 6 and 7
+    expected = [1.0] * 4 + [0.96 ** 0.5] * 4 + [0.97 ** 0.5] * 4
+    assert torch.allclose(rows, torch.tensor(expected, dtype=rows.dtype))
+    assert torch.allclose(ipu.row_ema_factors(momentum, 2, 6, 1, 1, 3), torch.tensor([0.6] * 3, dtype=rows.dtype))
+
+
 # ---- IPU: the compiled step's arithmetic, run eagerly on CPU ----
 
 def tiny_dino(seed):
@@ -249,3 +261,92 @@ def test_ipu_pod_configs_match_the_gpu_recipe(name, accelerators):
     same = ("arch", "patch_size", "out_dim", "lr", "min_lr", "epochs", "warmup_epochs", "teacher_temp",
             "momentum_teacher", "local_crops_number", "weight_decay", "weight_decay_end", "norm_last_layer")
     assert {k: getattr(gpu, k) for k in same} == {k: getattr(ipu_args, k) for k in same}
+
+
+class EagerPoptorch:
+    """A poptorch stand-in that runs the compiled step eagerly: inputs are cut into one micro-batch per row, as the
+    IPU cuts them; gradients accumulate over accum_iter micro-batches, then the optimizer steps."""
+
+    class Options:
+        def __init__(self):
+            self.Training, self.Precision = SimpleNamespace(), SimpleNamespace()
+            self.Training.gradientAccumulation = lambda n: setattr(self, "accum", n)
+            self.Training.accumulationAndReplicationReductionType = lambda t: None
+            self.Precision.setPartialsType = lambda t: None
+            self.replicas = self.iterations = 1
+
+        def replicationFactor(self, n):
+            self.replicas = n
+
+        def deviceIterations(self, n):
+            self.iterations = n
+
+        def __getattr__(self, name):  # randomSeed, outputMode, enableExecutableCaching, setExecutionStrategy
+            return lambda *args: None
+
+    ReductionType = SimpleNamespace(Mean="mean")
+    OutputMode = SimpleNamespace(All="all")
+    AutoStage = SimpleNamespace(SameAsIpu="same")
+    optim = SimpleNamespace(AdamW=lambda groups, lr, loss_scaling: torch.optim.AdamW(groups, lr=lr))
+
+    @staticmethod
+    def PipelinedExecution(stage):
+        return stage
+
+    @staticmethod
+    def BeginBlock(module, ipu_id):
+        return module
+
+    @staticmethod
+    def Block(ipu_id):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def identity_loss(loss, reduction):
+        return loss
+
+    @staticmethod
+    def DataLoader(opts, dataset, batch_size, **kwargs):
+        combined = batch_size * opts.accum * opts.replicas * opts.iterations
+        return torch.utils.data.DataLoader(dataset, combined, shuffle=True, drop_last=True)
+
+    class trainingModel:
+        def __init__(self, model, opts, optimizer):
+            self.model, self.opts, self.optimizer = model, opts, optimizer
+            self.setOptimizer = self.copyWeightsToHost = self.copyWeightsToDevice = self.detachFromDevice = \
+                lambda *args: None
+
+        def __call__(self, crops, ema_factor, center, teacher_temp):
+            rows, outputs = len(ema_factor), []
+            micro = len(crops[0]) // rows
+            for r in range(rows):
+                part = [c[r * micro:(r + 1) * micro] for c in crops]
+                loss, teacher_sum = self.model(part, ema_factor[r:r + 1], center[r:r + 1], teacher_temp[r:r + 1])
+                (loss / self.opts.accum).backward()
+                if (r + 1) % self.opts.accum == 0:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                outputs.append((loss.detach(), teacher_sum.detach()))
+            return torch.stack([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+
+
+def test_ipu_loop_runs_and_resumes_with_a_poptorch_stand_in(tmp_path, monkeypatch):
+    from tests.test_main_dino import make_images
+
+    monkeypatch.setitem(sys.modules, "poptorch", EagerPoptorch)
+    data = make_images(tmp_path / "data", 10)
+    argv = ["--device", "ipu", "--arch", "vit_tiny", "--out_dim", "64", "--global_crops_size", "32",
+            "--local_crops_size", "16", "--local_crops_number", "2", "--batch_size_per_gpu", "2", "--accum_iter", "2",
+            "--replication_factor", "2", "--epochs", "1", "--warmup_epochs", "1", "--num_workers", "0",
+            "--ipu_pipeline", "4", "4", "4", "0", "--precision", "fp32", "--clip_grad", "0", "--saveckp_freq", "1",
+            "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
+    main_dino.main(parse_args(main_dino.get_args_parser(), "main_dino", argv))
+    first = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"} <= set(first) and first["epoch"] == 1
+    assert set(first["student"]) == {f"module.{k}" for k in first["teacher"]}
+    assert not torch.equal(first["dino_loss"]["center"], torch.zeros(1, 64))
+    argv[argv.index("--epochs") + 1] = "2"
+    main_dino.main(parse_args(main_dino.get_args_parser(), "main_dino", argv))
+    second = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert second["epoch"] == 2 and (tmp_path / "out" / "checkpoint0001.pth").is_file()
+    assert len((tmp_path / "out" / "log.txt").read_text().splitlines()) == 2

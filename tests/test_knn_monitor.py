@@ -128,8 +128,10 @@ def test_training_subset_is_fixed_and_seeded(tmp_path):
     assert subsets[0] == subsets[1] and len(subsets[0]) == 25
     assert subsets[0] == sorted(subsets[0]) and set(subsets[0]) < set(full.train.samples)
     assert len({label for _, label in subsets[0]}) == 3
-    with pytest.raises(UserError, match="at least 20 training images"):
-        KNNMonitor(data, 8, every=1, epochs=1, max_train=10)
+    with pytest.raises(UserError, match="--knn_max_train must be at least k = 20, got -5"):
+        KNNMonitor(data, 8, every=1, epochs=1, max_train=-5)
+    with pytest.raises(UserError, match="needs at least 20 training images.* has 9: add images"):
+        KNNMonitor(labelled_folder(tmp_path / "small", per_class=(3, 1), size=8), 8, every=1, epochs=1)
 
 
 def test_due_every_n_epochs_and_at_the_last(tmp_path):

@@ -226,7 +226,8 @@ def run(argv):
 def test_retrieval_end_to_end(tmp_path, multiscale):
     folder, imlist, qimlist, gnd = revisitop_set(tmp_path / "data")
     model = tiny_checkpoint(tmp_path / "ckpt.pth")
-    common = ["--dataset", "mini", "--imsize", 64, "--num_workers", 0, "--multiscale", str(multiscale).lower()]
+    common = ["--dataset", "mini", "--imsize", 64, "--num_workers", 0, "--multiscale", str(multiscale).lower(),
+              "--use_cuda", "false", "--local-rank=0"]  # the original's flags, as torch.distributed.launch passes them
     results = run(["--data_path", tmp_path / "data", "--pretrained_weights", tmp_path / "ckpt.pth", *common,
                    "--batch_size_per_gpu", 3, "--output_dir", tmp_path / "out", "--dump_features", tmp_path / "f"])
     database = dino_way_features(model, [folder / f"{n}.jpg" for n in imlist], 64, multiscale)
@@ -260,6 +261,15 @@ def test_retrieval_json_ground_truth_with_query_boxes(tmp_path):
     expected = reference_scores(db, q, gnd, ("medium",))["medium"]
     assert set(results) == {"medium"}
     assert results["medium"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_original_flags_and_defaults():
+    args = parse_args(eval_image_retrieval.get_args_parser(), "eval_image_retrieval", [])
+    assert {k: getattr(args, k) for k in ("data_path", "dataset", "multiscale", "imsize", "pretrained_weights",
+                                          "use_cuda", "checkpoint_key", "num_workers", "dist_url", "local_rank")} == {
+        "data_path": "/path/to/revisited_paris_oxford/", "dataset": "roxford5k", "multiscale": False, "imsize": 224,
+        "pretrained_weights": "", "use_cuda": True, "checkpoint_key": "teacher", "num_workers": 10,
+        "dist_url": "env://", "local_rank": 0}
 
 
 def cli_error(argv, capsys):

@@ -330,3 +330,22 @@ def test_interrupted_sequence_leaves_no_output(shared_data, tmp_path, monkeypatc
         run(["--data_path", str(data), "--output_dir", str(out), "--arch", "vit_tiny", "--short_side", "64",
              "--device", "cpu"])
     assert list(out.iterdir()) == []
+
+
+def test_checkpoint_backbone_gives_the_same_masks_as_that_backbone(shared_data, tmp_path):
+    """A DINO-layout checkpoint (teacher, backbone. prefix, a head to drop) of the seed-0 random vit_tiny propagates
+    exactly as the seed-0 random backbone itself."""
+    from core.vision_transformer import build_vit
+
+    data = copy_davis(shared_data, tmp_path / "davis", ["dog"], 3)
+    torch.manual_seed(0)
+    state = {f"backbone.{k}": v for k, v in build_vit("vit_tiny", 16).state_dict().items()}
+    state["head.last_layer.weight"] = torch.zeros(4, 8)
+    torch.save({"teacher": state, "epoch": 1}, tmp_path / "checkpoint.pth")
+    common = ["--data_path", str(data), "--short_side", "96", "--device", "cpu", "--seed", "0"]
+    run([*common, "--output_dir", str(tmp_path / "random"), "--arch", "vit_tiny"])
+    run([*common, "--output_dir", str(tmp_path / "loaded"), "--pretrained_weights", str(tmp_path / "checkpoint.pth")])
+    for i in (1, 2):
+        random_mask, loaded_mask = (np.array(Image.open(tmp_path / d / "dog" / f"{i:05d}.png")) for d in ("random",
+                                                                                                         "loaded"))
+        assert np.array_equal(random_mask, loaded_mask)
