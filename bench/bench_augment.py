@@ -79,24 +79,29 @@ class Solarization:
         return ImageOps.solarize(img) if random.random() < self.p else img
 
 
-def original_augmentation(global_size=224, local_size=96, local_crops_number=8):
+class OriginalAugmentation:
     """facebookresearch/dino's DataAugmentationDINO with torchvision's PIL transforms; the blur sigma is scaled by
     global_size / 224 as ours (1 at the recipe's sizes), so that smaller test sizes compare alike."""
-    scale = global_size / 224
-    flip_and_color_jitter = T.Compose([
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-    ])
-    normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    bicubic = T.InterpolationMode.BICUBIC
-    global1 = T.Compose([T.RandomResizedCrop(global_size, scale=(0.4, 1.0), interpolation=bicubic),
-                         flip_and_color_jitter, GaussianBlur(1.0, scale), normalize])
-    global2 = T.Compose([T.RandomResizedCrop(global_size, scale=(0.4, 1.0), interpolation=bicubic),
-                         flip_and_color_jitter, GaussianBlur(0.1, scale), Solarization(0.2), normalize])
-    local = T.Compose([T.RandomResizedCrop(local_size, scale=(0.05, 0.4), interpolation=bicubic),
-                       flip_and_color_jitter, GaussianBlur(0.5, scale), normalize])
-    return lambda image: [global1(image), global2(image)] + [local(image) for _ in range(local_crops_number)]
+
+    def __init__(self, global_size=224, local_size=96, local_crops_number=8):
+        scale = global_size / 224
+        flip_and_color_jitter = T.Compose([
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ])
+        normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        bicubic = T.InterpolationMode.BICUBIC
+        self.global1 = T.Compose([T.RandomResizedCrop(global_size, scale=(0.4, 1.0), interpolation=bicubic),
+                                  flip_and_color_jitter, GaussianBlur(1.0, scale), normalize])
+        self.global2 = T.Compose([T.RandomResizedCrop(global_size, scale=(0.4, 1.0), interpolation=bicubic),
+                                  flip_and_color_jitter, GaussianBlur(0.1, scale), Solarization(0.2), normalize])
+        self.local = T.Compose([T.RandomResizedCrop(local_size, scale=(0.05, 0.4), interpolation=bicubic),
+                                flip_and_color_jitter, GaussianBlur(0.5, scale), normalize])
+        self.local_crops_number = local_crops_number
+
+    def __call__(self, image):
+        return [self.global1(image), self.global2(image)] + [self.local(image) for _ in range(self.local_crops_number)]
 
 
 def load_jpegs(folder, n):
@@ -143,7 +148,7 @@ def main(args):
     sizes = (args.global_size, args.local_size, args.local_crops_number)
     geometry = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), args.local_crops_number, args.global_size,
                                     args.local_size, photometric=False)
-    paths = {"original": original_augmentation(*sizes),
+    paths = {"original": OriginalAugmentation(*sizes),
              "ours": DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), args.local_crops_number, args.global_size,
                                           args.local_size),
              "gpu_cpu": geometry}

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
-from bench.bench_augment import original_augmentation  # noqa: E402
+from bench.bench_augment import OriginalAugmentation  # noqa: E402
 from core.augment import DataAugmentationDINO  # noqa: E402
 from core.data import ImageDataset, build_loader  # noqa: E402
 
@@ -148,7 +148,7 @@ def data_batches(args, path, device):
     """Endless crops from a loader over --data, on the device: ours or the original's (see the module doc)."""
     sizes = (args.global_size, args.local_size, args.local_crops_number)
     if path == "baseline":
-        dataset = ImageFolder(args.data, original_augmentation(*sizes))
+        dataset = ImageFolder(args.data, OriginalAugmentation(*sizes))
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                             pin_memory=device.type == "cuda", drop_last=True)
         while True:

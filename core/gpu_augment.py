@@ -103,7 +103,9 @@ COLOR_OPS = {"brightness": adjust_brightness, "contrast": adjust_contrast, "satu
 
 def draw_view(generator, n, blur_p, solarize_p, sigma_scale):
     """The random parameters of one view for n samples, with the recipe's distributions."""
-    uniform = lambda low, high: low + (high - low) * torch.rand(n, generator=generator)  # noqa: E731
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(n, generator=generator)
+
     return {
         "jitter": torch.rand(n, generator=generator) < JITTER_P,
         "order": torch.rand(n, len(JITTER), generator=generator).argsort(dim=1),
@@ -172,9 +174,9 @@ class GPUAugmentDINO:
         apply_to(x, p["blur"], lambda v, sigma: gaussian_blur(v, sigma, self.kernel_size), p["sigma"],
                  factor_on_host=True)
         apply_to(x, p["solarize"], solarize)
-        mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return x.sub_(mean).div_(std)
+        for channel, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):  # no host tensor to copy over
+            x[:, channel].sub_(mean).div_(std)
+        return x
 
 
 def apply_to(x, selected, op, factor=None, factor_on_host=False):

@@ -141,9 +141,10 @@ class LabelPropagation:
         self.values = labels.new_empty(1 + n_last_frames, n, labels.shape[1])
         self.keys[0], self.values[0] = features, labels
         self.filled, self.next_slot = 1, 1
-        self.outside = None
+        self.bias = None  # 0 inside the window, -inf outside: added to the cosines
         if radius > 0:
-            self.outside = ~neighbourhood_mask(grid[0], grid[1], radius, str(features.device))[:, None, :]
+            inside = neighbourhood_mask(grid[0], grid[1], radius, str(features.device))
+            self.bias = torch.zeros(inside.shape, device=features.device).masked_fill_(~inside, -math.inf)[:, None]
         smallest_window = min(grid[0], radius + 1) * min(grid[1], radius + 1) if radius > 0 else n
         if topk > smallest_window:
             raise UserError(f"--topk {topk} exceeds the {smallest_window} patches of the smallest neighbourhood "
@@ -156,8 +157,8 @@ class LabelPropagation:
         m, n = self.filled, features.shape[0]
         keys = self.keys[:m].reshape(m * n, -1)
         sim = features @ keys.T
-        if self.outside is not None:
-            sim.view(n, m, n).masked_fill_(self.outside, -math.inf)
+        if self.bias is not None:
+            sim.view(n, m, n).add_(self.bias)
         cos, index = sim.topk(self.topk, dim=1)
         weights = torch.softmax(cos / TEMPERATURE, dim=1)
         labels = torch.einsum("tk,tkc->tc", weights, self.values[:m].reshape(m * n, -1)[index])

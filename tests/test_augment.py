@@ -15,7 +15,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F1
 from torchvision.transforms.v2 import functional as F2
 
-from bench.bench_augment import original_augmentation
+from bench.bench_augment import OriginalAugmentation
 from core import augment, gpu_augment
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
 from core.data import ImageDataset, build_loader
@@ -223,7 +223,7 @@ def test_view_statistics_match_the_original_on_real_images(shared_data):
     files = sorted((shared_data / "imagenette-160" / "train").glob("*/*.JPEG"))[::40][:200]
     images = [Image.open(f).convert("RGB") for f in files]
     sizes = dict(global_size=112, local_size=48, local_crops_number=2)
-    original, ours = original_augmentation(**sizes), DataAugmentationDINO(**sizes)
+    original, ours = OriginalAugmentation(**sizes), DataAugmentationDINO(**sizes)
     geometry = DataAugmentationDINO(**sizes, photometric=False)
     gpu = GPUAugmentDINO(geometry.views, geometry.sigma_scale, seed=0, batch_size=len(images))
     random.seed(0)

@@ -1,6 +1,9 @@
 """The k-NN monitor of the pretraining scripts: the number eval_knn.py gives on the saved checkpoint, a run that is
 the same with and without it, and its bad input."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from core.augment import eval_resize
 from core.config import parse_args
 from core.errors import UserError, run_cli
 from core.knn import KNNMonitor
+from tests.conftest import REPO
+from tests.test_main_dino import free_port
 
 SIZE = 32
 DINO = ["--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64", "--global_crops_size", str(SIZE),
@@ -52,11 +57,11 @@ def log_records(out):
     return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
 
-def eval_knn_top1(checkpoint, data, checkpoint_key):
+def eval_knn_top1(checkpoint, data, checkpoint_key, batch_size=8):
     args = eval_knn.get_args_parser().parse_args(
         ["--pretrained_weights", str(checkpoint), "--checkpoint_key", checkpoint_key, "--data_path", str(data),
          "--resize", str(eval_resize(SIZE)), "--crop", str(SIZE), "--nb_knn", "20", "--knn_backend", "torch",
-         "--batch_size_per_gpu", "8", "--num_workers", "0", "--device", "cpu", "--precision", "fp32"])
+         "--batch_size_per_gpu", str(batch_size), "--num_workers", "0", "--device", "cpu", "--precision", "fp32"])
     return eval_knn.main(args)[20][0]
 
 
@@ -78,6 +83,21 @@ def test_monitor_equals_eval_knn_on_the_checkpoint(script, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["dino", "mae"])
+def test_two_processes_extract_their_shards(tmp_path):
+    """Under torchrun each process extracts its shard of the monitor's images; gathered, they give the number that
+    one process running eval_knn.py gives on the checkpoint."""
+    data = labelled_folder(tmp_path / "data", per_class=(10, 5))
+    out = tmp_path / "two"
+    argv = [a if a != "8" else "4" for a in DINO]  # the same global batch: 2 x 4
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(free_port()), "main_dino.py", *argv, "--knn_every", "1", "--knn_data_path", str(data),
+                    "--data_path", str(data / "train"), "--output_dir", str(out)], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    (record,) = log_records(out)
+    assert record["knn_top1"] == eval_knn_top1(out / "checkpoint.pth", data, "teacher", batch_size=4)
+
+
 def test_monitor_leaves_the_run_unchanged(script, tmp_path):
     """Two epochs with and without the monitor end with equal weights, random state and losses.
     Every DINO step draws stochastic depth, every MAE step its masks, from the global generator."""
@@ -153,6 +173,8 @@ def test_bad_monitor_flags(run, argv, tmp_path, capsys):
     argv = argv + ["--data_path", str(data / "train"), "--output_dir", str(tmp_path / "out")]
     assert "--knn_every must be 0" in cli_error(run, argv + ["--knn_every", "-1"], capsys)
     assert "needs --knn_data_path" in cli_error(run, argv + ["--knn_every", "2"], capsys)
+    err = cli_error(run, argv + ["--knn_every", "1", "--knn_data_path", str(data), "--knn_max_train", "5"], capsys)
+    assert "--knn_max_train must be at least" in err
     (tmp_path / "no_val" / "train").mkdir(parents=True)
     err = cli_error(run, argv + ["--knn_every", "1", "--knn_data_path", str(tmp_path / "no_val")], capsys)
     assert f"{tmp_path / 'no_val' / 'val'} is not a folder" in err

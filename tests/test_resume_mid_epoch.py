@@ -1,5 +1,5 @@
-"""Resume within an epoch: a run SIGKILLed (DINO) or crashed (MAE) mid-epoch and restarted ends exactly as an
-uninterrupted run, with the same weights and the same log.txt."""
+"""Resume within an epoch: a run SIGKILLed (DINO) or crashed (MAE, fine-tuning) mid-epoch and restarted ends
+exactly as an uninterrupted run, with the same weights and the same log.txt."""
 import os
 import signal
 import subprocess
@@ -18,6 +18,7 @@ from core.data import ImageDataset, MicroBatches, build_loader
 from core.errors import run_cli
 from test_finetune import TINY as FINETUNE_TINY
 from test_finetune import make_split
+from test_finetune import run as run_finetune
 from test_mae import TINY as MAE_TINY
 from test_mae import make_images as make_mae_images
 from test_mae import run as run_mae
@@ -178,7 +179,8 @@ def test_micro_batches_resume_at_the_step(tmp_path):
             assert a[:3] == b[:3] and torch.equal(a[3], b[3])
 
 
-@pytest.mark.parametrize("script_run, argv", [(run, TINY), (run_mae, MAE_TINY)], ids=["dino", "mae"])
+@pytest.mark.parametrize("script_run, argv", [(run, TINY), (run_mae, MAE_TINY), (run_finetune, FINETUNE_TINY)],
+                         ids=["dino", "mae", "finetune"])
 def test_negative_interval_is_refused(script_run, argv, tmp_path, capsys):
     data = make_images(tmp_path / "data", 16)
     with pytest.raises(SystemExit) as e:
