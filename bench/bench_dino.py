@@ -80,6 +80,8 @@ def get_args_parser():
     p.add_argument("--num_workers", default=2, type=int, help="With --data: loader workers of each path.")
     p.add_argument("--steps", default=5, type=int, help="Timed steps.")
     p.add_argument("--warmup", default=2, type=int, help="Untimed steps first (compilation happens here).")
+    p.add_argument("--threads", default=0, type=int,
+                   help="torch threads per path (0: torch's default); 1 adds samples per CPU-second, robust to load.")
     p.add_argument("--reps", default=2, type=int,
                    help="Interleaved repetitions of each path (a fresh process each); the median is reported.")
     return p
@@ -170,6 +172,8 @@ def data_batches(args, path, device):
 
 def measure(args, path):
     """Time one path in this (fresh) process; returns its numbers and the resolved device and precision."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     ours = path == "ours"
     precision = resolve_precision(device, args.precision) if ours else "fp32"
@@ -282,7 +286,7 @@ def main(args):
     print(f"ours/baseline: throughput {ours['samples_s'] / base['samples_s']:.2f}x, memory {memory_ratio}")
     if not cuda:
         print("* growth of the process's peak resident set size (resource.getrusage), each path in its own process")
-        if not args.data:  # the training process's CPU time is all the work (no loader workers)
+        if args.threads == 1 and not args.data:  # one thread, no loader workers: CPU time is all the work
             print(f"per CPU-second of the process (robust to other load): ours {ours['samples_cpu_s']:.2f}, "
                   f"baseline {base['samples_cpu_s']:.2f} samples, {ours['samples_cpu_s'] / base['samples_cpu_s']:.2f}x")
 

@@ -15,10 +15,19 @@ from core.distributed import all_reduce_sum, get_world_size, is_main_process
 from core.errors import UserError
 
 
+class StdoutHandler(logging.StreamHandler):
+    """Writes to sys.stdout as it is at each message, not as it was when the logger was made: pytest, notebooks
+    and tqdm's redirection swap it, and a handler holding a closed stream would fail."""
+
+    def emit(self, record):
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def setup_logger(name="dinossl"):
     logger = logging.getLogger(name)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = StdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False

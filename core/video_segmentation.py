@@ -26,6 +26,7 @@ TEMPERATURE = 0.1
 BOUND_TH = 0.008  # boundary tolerance of the F-measure, a fraction of the image diagonal
 RECALL_THRESHOLD = 0.5
 DECAY_BINS = 4
+BAND_LINES = 4  # target lines compared at once with the lines their windows reach (fastest on CPU at 480p)
 
 
 def davis_palette():
@@ -130,43 +131,60 @@ class LabelPropagation:
     `n_last_frames` frames' features and propagated labels; nothing else is kept.
 
     Softmax over the top-k cosines / 0.1 equals the original's exp(cos / 0.1) normalised to sum 1 over the top k.
-    Taking the top k of the cosines (masked outside the window) before any exponential gives the same neighbours
-    as the original's top k of the masked affinities, since exp is increasing and every window holds at least k
-    patches."""
+    Taking the top k of the cosines (-inf outside the window) before any exponential gives the same neighbours as
+    the original's top k of the masked affinities, since exp is increasing and every window holds at least k
+    patches. Targets go in bands of BAND_LINES lines across the grid's longer side, each compared only with the
+    lines its windows reach: about half the products of the full affinity at DAVIS resolution."""
 
     def __init__(self, features, labels, grid, n_last_frames=7, topk=5, radius=12):
         n, dim = features.shape
-        self.grid, self.topk = grid, topk
-        self.keys = features.new_empty(1 + n_last_frames, n, dim)
-        self.values = labels.new_empty(1 + n_last_frames, n, labels.shape[1])
-        self.keys[0], self.values[0] = features, labels
-        self.filled, self.next_slot = 1, 1
-        self.bias = None  # 0 inside the window, -inf outside: added to the cosines
-        if radius > 0:
-            inside = neighbourhood_mask(grid[0], grid[1], radius, str(features.device))
-            self.bias = torch.zeros(inside.shape, device=features.device).masked_fill_(~inside, -math.inf)[:, None]
+        self.transposed = grid[1] > grid[0]  # patches are kept column by column when the grid is wider than tall
+        self.grid, self.topk = (grid[1], grid[0]) if self.transposed else tuple(grid), topk
         smallest_window = min(grid[0], radius + 1) * min(grid[1], radius + 1) if radius > 0 else n
         if topk > smallest_window:
             raise UserError(f"--topk {topk} exceeds the {smallest_window} patches of the smallest neighbourhood "
                             f"window on a {grid[0]}x{grid[1]} patch grid: lower --topk or raise "
                             f"--size_mask_neighborhood")
+        self.keys = features.new_empty(1 + n_last_frames, n, dim)
+        self.values = labels.new_empty(1 + n_last_frames, n, labels.shape[1])
+        self.keys[0], self.values[0] = self.to_bands(features), self.to_bands(labels)
+        self.filled, self.next_slot = 1, 1
+        self.bias = None  # 0 inside the window, -inf outside: added to the cosines
+        if radius > 0:
+            inside = neighbourhood_mask(*self.grid, radius, str(features.device))
+            self.bias = torch.zeros(inside.shape, device=features.device).masked_fill_(~inside, -math.inf)
+        lines, line = self.grid
+        reach = radius if radius > 0 else lines
+        self.bands = [(slice(start * line, min(start + BAND_LINES, lines) * line),
+                       slice(max(0, start - reach) * line, min(lines, start + BAND_LINES + reach) * line))
+                      for start in range(0, lines, BAND_LINES)]
+
+    def to_bands(self, x):
+        """Row-major patches to the internal order (column-major when transposed)."""
+        return x.reshape(self.grid[1], self.grid[0], -1).transpose(0, 1).reshape(x.shape) if self.transposed else x
+
+    def from_bands(self, x):
+        return x.reshape(self.grid[0], self.grid[1], -1).transpose(0, 1).reshape(x.shape) if self.transposed else x
 
     @torch.no_grad()
     def __call__(self, features):
         """(gh*gw, C) soft labels of the target frame, whose (gh*gw, d) L2-normalised features join the context."""
-        m, n = self.filled, features.shape[0]
-        keys = self.keys[:m].reshape(m * n, -1)
-        sim = features @ keys.T
-        if self.bias is not None:
-            sim.view(n, m, n).add_(self.bias)
-        cos, index = sim.topk(self.topk, dim=1)
-        weights = torch.softmax(cos / TEMPERATURE, dim=1)
-        labels = torch.einsum("tk,tkc->tc", weights, self.values[:m].reshape(m * n, -1)[index])
+        features, m = self.to_bands(features), self.filled
+        keys, values = self.keys[:m], self.values[:m]
+        labels = values.new_empty(values.shape[1:])
+        for targets, sources in self.bands:
+            sim = torch.matmul(features[targets], keys[:, sources].transpose(1, 2)).permute(1, 0, 2)
+            if self.bias is not None:
+                sim = sim + self.bias[targets, None, sources]
+            cos, index = sim.reshape(sim.shape[0], -1).topk(self.topk, dim=1)
+            width = sources.stop - sources.start
+            neighbours = values[index // width, index % width + sources.start]
+            labels[targets] = torch.einsum("tk,tkc->tc", torch.softmax(cos / TEMPERATURE, dim=1), neighbours)
         if self.keys.shape[0] > 1:
             self.keys[self.next_slot], self.values[self.next_slot] = features, labels
             self.filled = min(self.filled + 1, self.keys.shape[0])
             self.next_slot = self.next_slot % (self.keys.shape[0] - 1) + 1
-        return labels
+        return self.from_bands(labels)
 
 
 def patch_features(model, images):

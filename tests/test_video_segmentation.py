@@ -54,8 +54,8 @@ def original_propagation(frames, first_labels, grid, n_last, topk, radius):
     context patch, zeroed outside the window, top-k along the sources, normalised, labels mixed; the queue a list."""
     h, w = grid
     pos = [(i, j) for i in range(h) for j in range(w)]
-    window = torch.tensor([[float(abs(a - c) <= radius and abs(b - d) <= radius) for (c, d) in pos] for (a, b) in pos],
-                          dtype=torch.float64)
+    window = torch.tensor([[float(radius <= 0 or (abs(a - c) <= radius and abs(b - d) <= radius)) for (c, d) in pos]
+                           for (a, b) in pos], dtype=torch.float64)
     first = F.normalize(frames[0].double(), dim=1)
     queue, outputs = [], []
     for target in frames[1:]:
@@ -72,12 +72,14 @@ def original_propagation(frames, first_labels, grid, n_last, topk, radius):
     return outputs
 
 
-@pytest.mark.parametrize("n_last, topk, radius", [(2, 3, 1), (0, 1, 2), (3, 4, 3)])
-def test_propagation_equals_original_algorithm(n_last, topk, radius):
+@pytest.mark.parametrize("grid, n_last, topk, radius", [((4, 5), 2, 3, 1), ((4, 5), 0, 1, 2), ((4, 5), 3, 4, 3),
+                                                        ((9, 3), 2, 3, 1), ((6, 11), 7, 5, 2), ((5, 5), 1, 5, 0)])
+def test_propagation_equals_original_algorithm(grid, n_last, topk, radius):
+    """Wide and tall grids, several bands of lines, no window (radius 0), a queue shorter than the video."""
     torch.manual_seed(0)
-    grid, dim, channels = (4, 5), 8, 3
-    frames = [F.normalize(torch.randn(20, dim), dim=1) for _ in range(7)]
-    first_labels = F.one_hot(torch.randint(0, channels, (20,)), channels).float()
+    dim, channels, n = 8, 3, grid[0] * grid[1]
+    frames = [F.normalize(torch.randn(n, dim), dim=1) for _ in range(10)]
+    first_labels = F.one_hot(torch.randint(0, channels, (n,)), channels).float()
     propagate = LabelPropagation(frames[0], first_labels, grid, n_last, topk, radius)
     got = [propagate(f) for f in frames[1:]]
     expected = original_propagation(frames, first_labels, grid, n_last, topk, radius)
@@ -346,6 +348,6 @@ def test_checkpoint_backbone_gives_the_same_masks_as_that_backbone(shared_data, 
     run([*common, "--output_dir", str(tmp_path / "random"), "--arch", "vit_tiny"])
     run([*common, "--output_dir", str(tmp_path / "loaded"), "--pretrained_weights", str(tmp_path / "checkpoint.pth")])
     for i in (1, 2):
-        random_mask, loaded_mask = (np.array(Image.open(tmp_path / d / "dog" / f"{i:05d}.png")) for d in ("random",
-                                                                                                         "loaded"))
+        random_mask, loaded_mask = (np.array(Image.open(tmp_path / d / "dog" / f"{i:05d}.png"))
+                                    for d in ("random", "loaded"))
         assert np.array_equal(random_mask, loaded_mask)
