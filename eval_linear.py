@@ -192,6 +192,7 @@ class Data:
                 save_features(args.dump_features, self.train_features, self.val_features, self.train_labels,
                               self.val_labels)
         elif not args.evaluate:
+            train.seed = args.seed  # crops drawn per (seed, epoch, image): persistent workers resume exactly
             self.loader = build_loader(train, args.batch_size_per_gpu, args.num_workers, seed=args.seed)
 
     def extract(self, dataset):
@@ -207,6 +208,7 @@ class Data:
         if self.args.cached_features:
             return cached_batches(self.train_features, self.train_labels, self.global_batch, epoch, self.args.seed)
         self.loader.sampler.set_epoch(epoch)
+        self.loader.dataset.set_epoch(epoch)
         return image_batches(self.loader, self.embed, self.device, self.precision)
 
 

@@ -4,8 +4,8 @@ Both paths get the same frames at the same resolution (short side 480, as the or
 of one random backbone (speed does not depend on the weights), extracted once and timed apart. Each figure is
 the median time per frame, so that stalls of a shared machine stay out of it.
   ours      core.video_segmentation.LabelPropagation: neighbourhood mask built from two 1-D bands and cached per grid
-            size, one matrix product against a ring buffer of context features, top-k of the masked cosines, and
-            exponentials only for the k kept;
+            size, targets taken in bands of lines compared only with the context lines their windows reach (a ring
+            buffer of context features), top-k of the masked cosines, exponentials only for the k kept;
   baseline  the original's algorithm written here: the mask filled by a Python loop over every (patch, offset) pair
             once per video, the full exp(cos / 0.1) affinity to every context patch, multiplied by the mask, top-k
             along the source axis, thresholding, normalisation, and a per-channel loop for the min-max step.

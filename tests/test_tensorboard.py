@@ -26,7 +26,7 @@ SCRIPTS = {"main_dino": main_dino, "eval_knn": eval_knn, "eval_linear": eval_lin
 DINO_TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64", "--global_crops_size", "32",
              "--local_crops_size", "16", "--local_crops_number", "2", "--batch_size_per_gpu", "8", "--epochs", "2",
              "--warmup_epochs", "1", "--num_workers", "0", "--drop_path_rate", "0", "--device", "cpu",
-             "--precision", "fp32"]
+             "--precision", "fp32", "--log_every", "1"]
 VIT_TINY = ["--arch", "vit_tiny", "--embed_dim", "48", "--depth", "2", "--num_heads", "3", "--patch_size", "8",
             "--input_size", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0",
             "--device", "cpu", "--precision", "fp32"]
