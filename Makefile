@@ -1,5 +1,6 @@
 # `make demo` and `make test` work on a fresh machine with Python 3.10+ and pip: they create (or reuse) a virtual
-# environment keyed by the hash of requirements.txt and requirements-dev.txt, so an unchanged environment is never reinstalled.
+# environment keyed by the hash of requirements.txt and requirements-dev.txt, so an unchanged environment is never
+# reinstalled.
 PYTHON ?= python3
 REQ_HASH := $(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
 VENV ?= $(HOME)/.cache/dinossl/venv-$(REQ_HASH)
@@ -37,6 +38,9 @@ bench: setup
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_mae.py
 	$(PY) bench/bench_ema.py
+	$(PY) bench/bench_augment.py
+	$(PY) bench/bench_retrieval.py
+	$(PY) bench/bench_propagation.py
 
 clean:
 	rm -rf runs .pytest_cache ema/build remap/build

@@ -33,7 +33,7 @@ from core.data import list_images
 from core.device import DEVICES, PRECISIONS
 from core.errors import UserError, run_cli
 from core.features import ImageList, build_backbone, extract_list_features, init_eval
-from core.log import setup_logger
+from core.log import TensorBoard, add_log_dir_arg, setup_logger
 from core.retrieval import (apply_whitening, copy_detection_descriptor, copy_detection_transform, learn_whitening,
                             search, trapezoid_ap)
 
@@ -76,6 +76,7 @@ def get_args_parser():
     p.add_argument("--load_features", default=None, type=str,
                    help=f"Folder with a {FEATURES_FILE} from --dump_features: no backbone, no images.")
     p.add_argument("--output_dir", default=None, type=str, help="Folder where copy_detection.json goes.")
+    add_log_dir_arg(p, "the mAP of every block (mAP/strong, mAP/original...)")
     p.add_argument("--seed", default=0, type=int, help="Seed of the random backbone.")
     add_launcher_args(p)
     return p
@@ -224,6 +225,7 @@ def main(args):
         args.device = "cpu"
     device, precision = init_eval(args)
     log = setup_logger()
+    tb = TensorBoard(args.log_dir)
     features = load_dump(args.load_features) if args.load_features else extract_all(args, device, precision, log)
     results = None
     if dist.is_main_process():
@@ -239,6 +241,8 @@ def main(args):
             record = json.dumps({"mAP": results, "strong": results.get("strong")}, indent=1) + "\n"
             save_checkpoint(record, Path(args.output_dir) / "copy_detection.json",
                             write=lambda text, f: f.write(text.encode()))
+        tb.add(0, {"mAP": results})
+    tb.close()
     dist.barrier()
     dist.cleanup()
     return results

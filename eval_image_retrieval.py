@@ -34,7 +34,7 @@ from core.data import list_images
 from core.device import DEVICES, PRECISIONS
 from core.errors import UserError, run_cli
 from core.features import ImageList, build_backbone, extract_list_features, init_eval
-from core.log import setup_logger
+from core.log import TensorBoard, add_log_dir_arg, setup_logger
 from core.retrieval import KAPPAS, compute_map, multiscale, protocol_gnd, retrieval_transform, search
 
 FEATURES_FILE = "retrieval_features.pth"
@@ -84,6 +84,7 @@ def get_args_parser():
     p.add_argument("--load_features", default=None, type=str,
                    help=f"Folder with a {FEATURES_FILE} from --dump_features: no backbone, no images.")
     p.add_argument("--output_dir", default=None, type=str, help="Folder where retrieval.json with the scores goes.")
+    add_log_dir_arg(p, "mAP and mP@k per setting (medium/mAP, hard/mP@10...)")
     p.add_argument("--seed", default=0, type=int, help="Seed of the random backbone.")
     add_launcher_args(p)
     return p
@@ -237,6 +238,7 @@ def main(args):
         args.device = "cpu"
     device, precision = init_eval(args)
     log = setup_logger()
+    tb = TensorBoard(args.log_dir)
     database, queries, gnd = features_and_gnd(args, device, precision, log)
     results = None
     if dist.is_main_process():
@@ -251,6 +253,8 @@ def main(args):
             f"{names[s]}: [" + " ".join(f"{r[f'mP@{k}']:.2f}" for k in KAPPAS) + "]" for s, r in results.items()))
         if args.output_dir:
             write_json(Path(args.output_dir) / "retrieval.json", {"dataset": args.dataset, **results})
+        tb.add(0, results)
+    tb.close()
     dist.barrier()
     dist.cleanup()
     return results

@@ -34,7 +34,7 @@ from core.config import bool_flag, parse_args
 from core.device import DEVICES, PRECISIONS, autocast, resolve_device, resolve_precision
 from core.errors import UserError, run_cli
 from core.features import build_backbone
-from core.log import setup_logger
+from core.log import TensorBoard, add_log_dir_arg, setup_logger
 from core.video_segmentation import (LabelPropagation, check_size, colour_overlay, confusion_matrix, davis_palette,
                                      davis_statistics, error_overlay, frame_size, image_size, labels_to_mask,
                                      object_scores, one_hot_grid, patch_features, prepare_frame, read_classes,
@@ -61,6 +61,7 @@ def get_args_parser():
     p.add_argument("--checkpoint_key", default="teacher", type=str,
                    help='Entry of a full checkpoint holding the backbone (e.g. "teacher", "student", "model").')
     p.add_argument("--output_dir", default=".", type=str, help="Where predictions and scores are written.")
+    add_log_dir_arg(p, "the overall scores (J&F-Mean, J-Mean... or mIoU, pixel_accuracy, IoU/<class>)")
     p.add_argument("--data_path", default="/path/to/davis/", type=str,
                    help="Object mode: a DAVIS folder (JPEGImages/480p/<seq>/, Annotations/480p/<seq>/, optional "
                         "ImageSets/2017/val.txt). Semantic mode: a run folder (rgb/, semantic/) or a folder of runs.")
@@ -74,7 +75,8 @@ def get_args_parser():
                    help="false keeps everything on the CPU (as --device cpu); true leaves the choice to --device.")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto picks CUDA when present, else CPU.")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="Autocast for the backbone: auto is fp16 on CUDA and fp32 on CPU. Affinities stay fp32.")
+                   help="Autocast for the backbone: auto is bf16 on CUDA GPUs that support it (else fp16), "
+                        "fp32 on CPU. Affinities stay fp32.")
     p.add_argument("--short_side", default=480, type=int,
                    help="Frames are resized to this short side, the long side floored to a multiple of 64 (the "
                         "original's 480; smaller is faster and coarser).")
@@ -398,6 +400,7 @@ def main(args):
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
     check_writable(output_dir)
+    tb = TensorBoard(args.log_dir)
     model, description = build_backbone(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
     if args.pretrained_weights:
         log.info(f"backbone: {description}")
@@ -406,8 +409,13 @@ def main(args):
                     f"baseline)")
     model.to(device)
     if args.task == "object":
-        return report_davis(segment_davis(model, args, device, precision, output_dir, log), output_dir, log)
-    return report_semantic(*segment_semantic(model, args, device, precision, output_dir, log), output_dir, log)
+        results = report_davis(segment_davis(model, args, device, precision, output_dir, log), output_dir, log)
+    else:
+        results = report_semantic(*segment_semantic(model, args, device, precision, output_dir, log), output_dir,
+                                  log)
+    tb.add(0, results or {})
+    tb.close()
+    return results
 
 
 if __name__ == "__main__":

@@ -17,27 +17,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from core.attention_maps import attention_model, blend, cls_attention, colorize, prepare, save_picture, upsample
+from core.attention_maps import (add_attention_model_args, attention_model, blend, cls_attention, colorize, prepare,
+                                 save_picture, upsample)
 from core.checkpoint import check_writable
 from core.device import DEVICES, PRECISIONS, resolve_device, resolve_precision
 from core.errors import UserError, run_cli
 from core.log import setup_logger
 from core.video import FORMATS, VideoWriter, read_frames
-from core.vision_transformer import ARCHS
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("Generation self-attention video", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default=None, choices=ARCHS,
-                   help="ViT size; default: the checkpoint's, else vit_small (the original's default).")
-    p.add_argument("--patch_size", default=None, type=int,
-                   help="Patch size; default: the checkpoint's, else 8 (the original's default).")
-    p.add_argument("--pretrained_weights", default="", type=str,
-                   help="Any checkpoint the evaluations take (ours, official DINO, HF folder, Google .npz...). "
-                        "Empty: random weights (nothing is downloaded), said in the log.")
-    p.add_argument("--checkpoint_key", default="teacher", type=str,
-                   help='Key to use in the checkpoint (example: "teacher").')
+    add_attention_model_args(p)
     p.add_argument("--input_path", required=True, type=str,
                    help="A video file, a folder of frames, or (with --video_only) a folder of attention images.")
     p.add_argument("--output_path", default="./", type=str,
@@ -57,7 +49,8 @@ def get_args_parser():
                    help="Weight of the heat map over the frame (1: the heat map alone, as the original).")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto picks CUDA when present, else CPU.")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="Autocast for the model: auto is fp16 on CUDA and fp32 on CPU.")
+                   help="Autocast for the model: auto is bf16 on CUDA GPUs that support it (else fp16), "
+                        "fp32 on CPU.")
     return p
 
 

@@ -11,14 +11,13 @@ the head's attention). Offline: without --image_path a picture of the embedded d
 import argparse
 from pathlib import Path
 
-from core.attention_maps import (attention_model, cls_attention, colorize, head_colors, mask_picture, prepare,
-                                 save_heads_figure, save_picture, threshold_masks, upsample)
+from core.attention_maps import (add_attention_model_args, attention_model, cls_attention, colorize, head_colors,
+                                 mask_picture, prepare, save_heads_figure, save_picture, threshold_masks, upsample)
 from core.device import DEVICES, PRECISIONS, resolve_device, resolve_precision
 from core.errors import UserError, run_cli
 from core.log import setup_logger
 from core.synthetic import ensure_default_data
 from core.video import read_image
-from core.vision_transformer import ARCHS
 
 SAMPLE = ("val", "star")  # the embedded data set's picture used when no --image_path is given
 
@@ -26,15 +25,7 @@ SAMPLE = ("val", "star")  # the embedded data set's picture used when no --image
 def get_args_parser():
     p = argparse.ArgumentParser("Visualize Self-Attention maps", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default=None, choices=ARCHS,
-                   help="ViT size; default: the checkpoint's, else vit_small (the original's default).")
-    p.add_argument("--patch_size", default=None, type=int,
-                   help="Patch size; default: the checkpoint's, else 8 (the original's default).")
-    p.add_argument("--pretrained_weights", default="", type=str,
-                   help="Any checkpoint the evaluations take (ours, official DINO, HF folder, Google .npz...). "
-                        "Empty: random weights (nothing is downloaded), said in the log.")
-    p.add_argument("--checkpoint_key", default="teacher", type=str,
-                   help='Key to use in the checkpoint (example: "teacher").')
+    add_attention_model_args(p)
     p.add_argument("--image_path", default=None, type=str,
                    help="Image to visualize; default: a picture of the embedded data set.")
     p.add_argument("--image_size", default=(480, 480), type=int, nargs="+",
@@ -45,7 +36,8 @@ def get_args_parser():
                    help="Also save masks of the patches keeping this fraction of each head's attention mass.")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto picks CUDA when present, else CPU.")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="Autocast for the model: auto is fp16 on CUDA and fp32 on CPU.")
+                   help="Autocast for the model: auto is bf16 on CUDA GPUs that support it (else fp16), "
+                        "fp32 on CPU.")
     return p
 
 

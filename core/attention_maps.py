@@ -18,6 +18,20 @@ from core.device import autocast
 from core.errors import UserError
 from core.features import build_backbone
 from core.log import setup_logger
+from core.vision_transformer import ARCHS
+
+
+def add_attention_model_args(p):
+    """The model flags of DINO's visualize_attention.py and video_generation.py, with their defaults."""
+    p.add_argument("--arch", default=None, choices=ARCHS,
+                   help="ViT size; default: the checkpoint's, else vit_small (the original's default).")
+    p.add_argument("--patch_size", default=None, type=int,
+                   help="Patch size; default: the checkpoint's, else 8 (the original's default).")
+    p.add_argument("--pretrained_weights", default="", type=str,
+                   help="Any checkpoint the evaluations take (ours, official DINO, HF folder, Google .npz...). "
+                        "Empty: random weights (nothing is downloaded), said in the log.")
+    p.add_argument("--checkpoint_key", default="teacher", type=str,
+                   help='Key to use in the checkpoint (example: "teacher").')
 
 
 def attention_model(args, device, default_patch_size=8):

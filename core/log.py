@@ -82,11 +82,15 @@ class TensorBoard:
         return all_reduce_sum(torch.tensor([value], dtype=torch.float64, device=device)).item() / get_world_size()
 
     def add(self, step, scalars):
-        """scalars: {tag: number}; None values are left out."""
-        if self.writer is not None:
-            for tag, value in scalars.items():
-                if value is not None:
-                    self.writer.add_scalar(tag, value, step)
+        """scalars: {tag: number}, nested dicts giving tags joined by '/' (an evaluation's results as they are);
+        None values are left out."""
+        if self.writer is None:
+            return
+        for tag, value in scalars.items():
+            if isinstance(value, dict):
+                self.add(step, {f"{tag}/{k}": v for k, v in value.items()})
+            elif value is not None:
+                self.writer.add_scalar(tag, value, step)
 
     def flush(self):
         if self.writer is not None:
@@ -95,6 +99,12 @@ class TensorBoard:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def add_log_dir_arg(parser, scalars):
+    """--log_dir of the evaluations, whose scores go to TensorBoard once, at step 0."""
+    parser.add_argument("--log_dir", default=None, type=str,
+                        help=f"Also write {scalars} as TensorBoard scalars here (needs the tensorboard package).")
 
 
 def epoch_1000x(it, steps_per_epoch, accum_iter=1):

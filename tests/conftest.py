@@ -17,3 +17,11 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (set SHARED_DATA_DIR)")
     return SHARED_DATA
+
+
+def read_scalars(log_dir):
+    """{tag: [(step, value), ...]} from the TensorBoard event files in log_dir (skips when tensorboard is absent)."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = event_accumulator.EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

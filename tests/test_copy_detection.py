@@ -8,6 +8,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import eval_copy_detection
+from conftest import read_scalars
 from core.config import parse_args
 from core.errors import run_cli
 from core.retrieval import trapezoid_ap
@@ -159,8 +160,10 @@ def test_own_folder_of_copies(tmp_path):
     assert [(name, [q.name for q in queries], positives) for name, queries, positives in blocks] == [
         ("blur", ["cat.jpg", "dog_2.png"], [[0], [1]]), ("edits/small", ["owl_x.jpg"], [[2]])]
     results = run(["--data_path", tmp_path / "mine", "--arch", "vit_tiny", "--patch_size", 16, "--imsize", IMSIZE,
-                   "--num_workers", 0])
+                   "--num_workers", 0, "--log_dir", tmp_path / "tb"])
     assert set(results) == {"blur", "edits/small"} and all(0 < v <= 1 for v in results.values())
+    logged = read_scalars(tmp_path / "tb")
+    assert logged == {f"mAP/{k}": [(0, pytest.approx(v))] for k, v in results.items()}
 
 
 def test_original_flags_and_defaults():

@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import eval_image_retrieval
+from conftest import read_scalars
 from core.config import parse_args
 from core.errors import run_cli
 from core.knn import faiss_installed
@@ -253,7 +254,7 @@ def test_retrieval_json_ground_truth_with_query_boxes(tmp_path):
     (tmp_path / "data" / "mine" / "gnd_mine.json").write_text(json.dumps(spec))
     model = tiny_checkpoint(tmp_path / "ckpt.pth")
     results = run(["--data_path", tmp_path / "data", "--dataset", "mine", "--pretrained_weights", tmp_path / "ckpt.pth",
-                   "--imsize", 64, "--num_workers", 0, "--query_bbx", "true"])
+                   "--imsize", 64, "--num_workers", 0, "--query_bbx", "true", "--log_dir", tmp_path / "tb"])
     database = [folder / f"img{i}.png" for i in range(5)]  # every image but the queries
     gnd = [{"easy": [0], "hard": [], "junk": [1]}, {"easy": [3], "hard": [], "junk": []}]  # img5 is not in it
     db = dino_way_features(model, database, 64)
@@ -261,6 +262,9 @@ def test_retrieval_json_ground_truth_with_query_boxes(tmp_path):
     expected = reference_scores(db, q, gnd, ("medium",))["medium"]
     assert set(results) == {"medium"}
     assert results["medium"] == pytest.approx(expected, abs=1e-6)
+    logged = read_scalars(tmp_path / "tb")
+    assert set(logged) == {f"medium/{k}" for k in expected}
+    assert all(logged[f"medium/{k}"] == [(0, pytest.approx(v, abs=1e-4))] for k, v in expected.items())
 
 
 def test_original_flags_and_defaults():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval_video_segmentation as evs
+from conftest import read_scalars
 from core.config import parse_args
 from core.errors import UserError, run_cli
 from core.video_segmentation import (LabelPropagation, boundary_f_measure, confusion_matrix, davis_palette,
@@ -259,7 +260,8 @@ def test_semantic_propagation_on_camvid(shared_data, tmp_path):
     run_dir = copy_camvid(shared_data, tmp_path / "camvid", 4)
     out = tmp_path / "out"
     scores = run(["--task", "semantic", "--data_path", str(tmp_path / "camvid"), "--output_dir", str(out),
-                  "--arch", "vit_tiny", "--short_side", "96", "--device", "cpu", "--label_every", "2"])
+                  "--arch", "vit_tiny", "--short_side", "96", "--device", "cpu", "--label_every", "2",
+                  "--log_dir", str(tmp_path / "tb")])
     stems = [p.stem for p in sorted((run_dir / "rgb").glob("*.png"))]
     predicted = [stems[1], stems[3]]  # frames 0 and 2 are references
     assert sorted(p.stem for p in (out / "0001TP").glob("*.png")) == predicted
@@ -279,6 +281,9 @@ def test_semantic_propagation_on_camvid(shared_data, tmp_path):
     iou, miou, accuracy = semantic_scores(np.array(matrix))
     assert scores["mIoU"] == pytest.approx(miou) and scores["pixel_accuracy"] == pytest.approx(accuracy)
     assert 0 < accuracy <= 1
+    logged = read_scalars(tmp_path / "tb")
+    assert logged["mIoU"] == [(0, pytest.approx(miou))] and logged["pixel_accuracy"] == [(0, pytest.approx(accuracy))]
+    assert len([tag for tag in logged if tag.startswith("IoU/")]) == 11
 
 
 def expect_error(argv, capsys, *fragments):
