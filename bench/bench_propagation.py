@@ -21,7 +21,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +30,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from core.device import autocast, resolve_device, resolve_precision, synchronize  # noqa: E402
+from bench.bench_eval import timed  # noqa: E402
+from core.device import autocast, resolve_device, resolve_precision  # noqa: E402
 from core.errors import UserError, run_cli  # noqa: E402
 from core.video_segmentation import (LabelPropagation, labels_to_mask, neighbourhood_mask, one_hot_grid,  # noqa: E402
                                      patch_features, prepare_frame, read_object_mask, read_rgb)
@@ -105,14 +105,6 @@ def original_mask(seg, patch_size, out_hw):
             seg[c] = shifted / shifted.max()
     index = seg.argmax(dim=0).to(torch.uint8).cpu().numpy()
     return np.array(Image.fromarray(index).resize((out_hw[1], out_hw[0]), Image.NEAREST))
-
-
-def timed(device, fn):
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - start
 
 
 def per_frame(device, fns):

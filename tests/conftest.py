@@ -1,8 +1,10 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 # One thread: the tiny models of the tests gain nothing from more, and data workers need the other core.
 torch.set_num_threads(1)
@@ -25,3 +27,13 @@ def read_scalars(log_dir):
     acc = event_accumulator.EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def make_images(folder, n, size=40, seed=0):
+    """n random RGB images in two class folders, a/ and b/."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        sub = folder / "ab"[i % 2]
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(sub / f"{i:03d}.png")
+    return folder

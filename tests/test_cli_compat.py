@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import eval_knn
 import eval_linear
 import main_dino
 import main_finetune
 import main_pretrain_mae
+from conftest import make_images
 from core.checkpoint import resume_run
 from core.config import parse_args
 from core.errors import run_cli
@@ -38,14 +38,6 @@ MAE_TINY = ["--arch", "vit_tiny", "--embed_dim", "48", "--depth", "2", "--num_he
 def parse(script, argv):
     return parse_args(SCRIPTS[script].get_args_parser(), script, argv)
 
-
-def make_images(folder, n, size=40, seed=0):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        sub = folder / "ab"[i % 2]
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(sub / f"{i:03d}.png")
-    return folder
 
 
 def cli_error(script, argv, capsys):

@@ -6,13 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import main_pretrain_mae
 import visualize_mae
+from conftest import make_images
 from core.checkpoint import load_pretrained_weights
 from core.config import parse_args
 from core.errors import UserError, run_cli
@@ -33,14 +33,6 @@ def tiny_mae(**kw):
                 decoder_depth=1, decoder_num_heads=2)
     return MaskedAutoencoderViT(**{**args, **kw})
 
-
-def make_images(folder, n, size=40, seed=0):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        sub = folder / "ab"[i % 2]
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(sub / f"{i:03d}.png")
-    return folder
 
 
 def run(argv):

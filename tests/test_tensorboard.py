@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import eval_knn
 import eval_linear
 import main_dino
 import main_finetune
 import main_pretrain_mae
+from conftest import make_images
 from core.config import parse_args
 from core.errors import UserError, run_cli
 from core.log import TensorBoard, epoch_1000x
@@ -39,14 +39,6 @@ EVAL_TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--resize", "32", "--cr
 def run(script, argv):
     return SCRIPTS[script].main(parse_args(SCRIPTS[script].get_args_parser(), script, argv))
 
-
-def make_images(folder, n, size=40, seed=0):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        sub = folder / "ab"[i % 2]
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(sub / f"{i:03d}.png")
-    return folder
 
 
 def split_data(folder, n_train=8, n_val=4, size=36):
