@@ -198,8 +198,10 @@ class MidEpochCheckpoints:
         epoch, step = divmod(it + 1, self.steps)
         if not self.seconds or step == 0:  # the epoch's own checkpoint follows its last step
             return
-        due = torch.tensor([is_main_process() and time.monotonic() - self.last >= self.seconds], device=device)
-        if not all_reduce_sum(due.int()).item():
+        due = is_main_process() and time.monotonic() - self.last >= self.seconds
+        if get_world_size() > 1:  # one process needs no collective, nor a device round trip
+            due = bool(all_reduce_sum(torch.tensor([int(due)], device=device)).item())
+        if not due:
             return
         save = self.state(epoch, epoch_step=step, epoch_totals=all_gather_objects(totals))
         if is_main_process():

@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from core.errors import run_cli
+
 # One thread: the tiny models of the tests gain nothing from more, and data workers need the other core.
 torch.set_num_threads(1)
 
@@ -37,3 +39,14 @@ def make_images(folder, n, size=40, seed=0):
         sub.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(sub / f"{i:03d}.png")
     return folder
+
+
+def one_line_error(call, capsys):
+    """Run an entry point's main as the command line does; it must stop with exit status 2 and exactly one line,
+    `error: ...`, which is returned."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(call)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]

@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as F2
 
 from bench.bench_augment import OriginalAugmentation
 from core import augment, gpu_augment
+from conftest import one_line_error
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
 from core.data import ImageDataset, build_loader
 from core.gpu_augment import GPUAugmentDINO
@@ -363,13 +364,7 @@ def test_gpu_augment_run_resumes_exactly_and_skips_a_corrupt_jpeg(tmp_path):
 def cli_error(argv, capsys):
     from test_main_dino import run
 
-    from core.errors import run_cli
-
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: run(argv))
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and err.startswith("error: ")
-    return err
+    return one_line_error(lambda: run(argv), capsys)
 
 
 def test_nonsensical_numbers_stop_before_training(tmp_path, capsys, monkeypatch):

@@ -17,10 +17,9 @@ import eval_linear
 import main_dino
 import main_finetune
 import main_pretrain_mae
-from conftest import make_images
+from conftest import make_images, one_line_error
 from core.checkpoint import resume_run
 from core.config import parse_args
-from core.errors import run_cli
 from core.vision_transformer import VisionTransformer, arch_sizes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,14 +38,8 @@ def parse(script, argv):
     return parse_args(SCRIPTS[script].get_args_parser(), script, argv)
 
 
-
 def cli_error(script, argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(lambda: parse(script, argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
+    return one_line_error(lambda: parse(script, argv), capsys)
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 import eval_copy_detection
-from conftest import read_scalars
+from conftest import one_line_error, read_scalars
 from core.config import parse_args
-from core.errors import run_cli
 from core.retrieval import trapezoid_ap
 from core.vision_transformer import build_vit
 
@@ -177,12 +176,7 @@ def test_original_flags_and_defaults():
 
 
 def cli_error(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: run(argv))
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    return lines[0]
+    return one_line_error(lambda: run(argv), capsys)
 
 
 def test_copy_detection_bad_input(tmp_path, capsys):

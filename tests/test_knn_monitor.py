@@ -13,9 +13,10 @@ from PIL import Image
 import eval_knn
 import main_dino
 import main_pretrain_mae
+from conftest import one_line_error
 from core.augment import eval_resize
 from core.config import parse_args
-from core.errors import UserError, run_cli
+from core.errors import UserError
 from core.knn import KNNMonitor
 from tests.conftest import REPO
 from tests.test_main_dino import free_port
@@ -160,11 +161,7 @@ def test_due_every_n_epochs_and_at_the_last(tmp_path):
 
 
 def cli_error(run, argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: run(argv))
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and err.startswith("error: ")
-    return err
+    return one_line_error(lambda: run(argv), capsys)
 
 
 @pytest.mark.parametrize("run, argv", [(run_dino, DINO), (run_mae, MAE)])

@@ -12,10 +12,10 @@ from PIL import Image
 
 import main_pretrain_mae
 import visualize_mae
-from conftest import make_images
+from conftest import make_images, one_line_error
 from core.checkpoint import load_pretrained_weights
 from core.config import parse_args
-from core.errors import UserError, run_cli
+from core.errors import UserError
 from core.mae import (MaskedAutoencoderViT, is_decoder_key, load_mae, patchify, random_masking, reconstruct,
                       unpatchify)
 from core.schedule import cosine_schedule
@@ -32,7 +32,6 @@ def tiny_mae(**kw):
     args = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,
                 decoder_depth=1, decoder_num_heads=2)
     return MaskedAutoencoderViT(**{**args, **kw})
-
 
 
 def run(argv):
@@ -266,11 +265,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     def cli_error(argv):
-        with pytest.raises(SystemExit) as e:
-            run_cli(lambda: run(argv))
-        err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and "\n" not in err and err.startswith("error: ")
-        return err
+        return one_line_error(lambda: run(argv), capsys)
 
     data = make_images(tmp_path / "data", 8)
     out = ["--data_path", str(data), "--output_dir", str(tmp_path / "out")]

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import main_dino
+from conftest import one_line_error
 from core.config import parse_args
-from core.errors import UserError, run_cli
+from core.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64", "--global_crops_size", "32",
@@ -126,11 +127,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
 
 
 def cli_error(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: run(argv))
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and err.startswith("error: ")
-    return err
+    return one_line_error(lambda: run(argv), capsys)
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):

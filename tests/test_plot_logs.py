@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 import plot_logs
-from core.errors import UserError, run_cli
+from conftest import one_line_error
+from core.errors import UserError
 
 REPO = Path(plot_logs.__file__).resolve().parent
 
@@ -56,11 +57,7 @@ def test_finetune_log_gets_a_validation_panel(tmp_path):
 
 
 def cli_error(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: run(argv))
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and err.startswith("error: ")
-    return err
+    return one_line_error(lambda: run(argv), capsys)
 
 
 def test_folder_without_log_is_one_line_error(tmp_path):

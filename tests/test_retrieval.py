@@ -11,9 +11,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 import eval_image_retrieval
-from conftest import read_scalars
+from conftest import one_line_error, read_scalars
 from core.config import parse_args
-from core.errors import run_cli
 from core.knn import faiss_installed
 from core.retrieval import apply_whitening, compute_map, gem, learn_whitening, protocol_gnd, search, trapezoid_ap
 from core.vision_transformer import build_vit
@@ -277,12 +276,7 @@ def test_original_flags_and_defaults():
 
 
 def cli_error(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: run(argv))
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    return lines[0]
+    return one_line_error(lambda: run(argv), capsys)
 
 
 def test_retrieval_bad_input(tmp_path, capsys):

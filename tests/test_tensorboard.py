@@ -13,9 +13,9 @@ import eval_linear
 import main_dino
 import main_finetune
 import main_pretrain_mae
-from conftest import make_images
+from conftest import make_images, one_line_error
 from core.config import parse_args
-from core.errors import UserError, run_cli
+from core.errors import UserError
 from core.log import TensorBoard, epoch_1000x
 
 pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (an optional dependency)")
@@ -38,7 +38,6 @@ EVAL_TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--resize", "32", "--cr
 
 def run(script, argv):
     return SCRIPTS[script].main(parse_args(SCRIPTS[script].get_args_parser(), script, argv))
-
 
 
 def split_data(folder, n_train=8, n_val=4, size=36):
@@ -158,12 +157,7 @@ def test_knn_and_linear_scalars(tmp_path):
 
 
 def cli_error(script, argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(lambda: run(script, argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
+    return one_line_error(lambda: run(script, argv), capsys)
 
 
 def test_missing_tensorboard_is_a_clear_error(tmp_path, monkeypatch, capsys):
