@@ -220,7 +220,7 @@ def main(args):
         student_ddp = dist.maybe_ddp(student, device)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs).to(device)
-    optimizer = build_optimizer(args.optimizer, param_groups(student), fused=device.type == "cuda")
+    optimizer = build_optimizer(args.optimizer, param_groups(student), device)
     scaler = make_grad_scaler(device, precision)
 
     effective_batch = global_batch * args.accum_iter

@@ -283,7 +283,7 @@ def main(args):
     loader = build_loader(train, args.batch_size, args.num_workers, seed=args.seed, pin_memory=args.pin_mem)
     model_ddp = dist.maybe_ddp(model, device)
     optimizer = build_optimizer("adamw", param_groups_layer_decay(model, args.weight_decay, model.no_weight_decay(),
-                                                                  args.layer_decay))
+                                                                  args.layer_decay), device)
     scaler = make_grad_scaler(device, precision)
     mixup_fn, criterion = build_criterion(args, nb_classes)
     effective_batch = global_batch * args.accum_iter

@@ -154,7 +154,7 @@ def main(args):
 
     compile_for(device, model)
     model_ddp = fsdp.shard(model) if args.fsdp else dist.maybe_ddp(model, device)
-    optimizer = build_optimizer("adamw", param_groups(model), betas=(0.9, 0.95))
+    optimizer = build_optimizer("adamw", param_groups(model), device, betas=(0.9, 0.95))
     for group in optimizer.param_groups:
         group["weight_decay"] = args.weight_decay if group["apply_wd"] else 0.0
     scaler = make_grad_scaler(device, precision)
@@ -192,7 +192,8 @@ def main(args):
                                 device, precision, args, ckpt_path, tb, mid_epoch)
         knn = {}
         if knn_monitor is not None and knn_monitor.due(epoch):  # the encoder's [CLS], as eval_knn.py reads it
-            knn["knn_top1"] = knn_monitor(model, device, precision, lambda x: model.forward_features(x)[:, 0])
+            knn["knn_top1"] = knn_monitor(model, device, precision,
+                                          lambda x: model.forward_features(x, cls_only=True)[:, 0])
         save = checkpoint(epoch)
         if dist.is_main_process():
             save_checkpoint(save, ckpt_path)

@@ -3,13 +3,16 @@
 Without --data, random crops stand in for data, so this times the model step (teacher and student forward,
 backward, per-parameter clipping, AdamW, teacher EMA, centre update). With --data FOLDER it times the whole thing,
 loader included: each step waits for its batch. Paths:
-  ours      the step of main_dino.py after the first epoch (head output layer trained): SDPA attention, autocast at
-            --precision (auto: bf16 on CUDA, fp32 on CPU; GradScaler for fp16), the loss's log-softmax once per
-            view, foreach clipping and EMA, fused AdamW on CUDA, no host sync, optionally torch.compile of both
+  ours      the step of main_dino.py after the first epoch (head output layer trained): SDPA attention, the last
+            block computing the [CLS] token alone, drop path skipping the dropped samples' branches on a CPU,
+            autocast at --precision (auto: bf16 on CUDA, fp32 on CPU; GradScaler for fp16), the loss's log-softmax
+            once per view, foreach clipping and EMA, fused AdamW, no host sync, optionally torch.compile of both
             backbones (--compile); with --data our loader (persistent workers, pinned memory, the CPU pipeline, or
             with --gpu_augment crops and flips only and the photometric stage batched on the device);
-  baseline  the original's modules: the same model eager in fp32 with explicit softmax attention, the pairwise loss
-            with a log-softmax per pair, per-parameter clipping and EMA loops, the loss read back every step; with
+  baseline  the original's modules: the same model eager in fp32 with the original's forward (explicit softmax
+            attention, every block computing every token, drop path multiplying by its mask), the pairwise loss
+            with a log-softmax per pair, per-parameter clipping and EMA loops, torch's default AdamW, the loss read
+            back every step; with
             --data the original's loader (torchvision's PIL chain, workers restarted every epoch).
 Each path runs in a fresh process, so its peak memory is its own (CUDA: max_memory_allocated; CPU: growth of the
 process's peak RSS after the imports, which counts every allocation, not only tensors).
@@ -47,7 +50,7 @@ from core.dino import DINOHead, DINOLoss, MultiCropWrapper, clip_gradients, comp
 from core.errors import UserError, run_cli  # noqa: E402
 from core.gpu_augment import GPUAugmentDINO  # noqa: E402
 from core.optim import apply_gradients, build_optimizer, param_groups  # noqa: E402
-from core.vision_transformer import build_vit  # noqa: E402
+from core.vision_transformer import ARCHS, build_vit  # noqa: E402
 
 PATHS = ("ours", "baseline")
 # Dense peak TFLOP/s by device-name fragment (first match wins): (bf16/fp16, fp32). fp32 is the non-tensor-core
@@ -119,14 +122,40 @@ class PairwiseDINOLoss(DINOLoss):
         return total / n_terms
 
 
+def original_forward(vit, x):
+    """The original ViT's forward (DINO's, and timm's that MAE fine-tunes) over our modules: every block computes
+    every token though the head reads one or their mean, drop path multiplies the whole batch by its mask, and the
+    attention is whatever vit.fused_attn says (explicit in the baselines)."""
+    x = vit.prepare_tokens(x)
+    for blk in vit.blocks:
+        x = x + blk.drop_path(blk.ls1(blk.attn(blk.norm1(x))))
+        x = x + blk.drop_path(blk.ls2(blk.mlp(blk.norm2(x))))
+    x = vit.norm(x)
+    if vit.global_pool == "avg":
+        return vit.head(vit.fc_norm(x[:, 1 + vit.num_register_tokens:].mean(dim=1)))
+    return vit.head(x[:, 0])
+
+
+class OriginalBackbone(torch.nn.Module):
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return original_forward(self.vit, x)
+
+
 def build_models(args, device, fused_attn):
     student = build_vit(args.arch, args.patch_size, drop_path_rate=0.1, img_size=args.global_size)
     teacher = build_vit(args.arch, args.patch_size, img_size=args.global_size)
+    dim = student.embed_dim
+    if not fused_attn and args.arch in ARCHS:
+        student, teacher = OriginalBackbone(student), OriginalBackbone(teacher)
     for m in [*student.modules(), *teacher.modules()]:  # timm attention modules carry the same switch
         if hasattr(m, "fused_attn"):
             m.fused_attn = fused_attn
-    student = MultiCropWrapper(student, DINOHead(student.embed_dim, args.out_dim)).to(device)
-    teacher = MultiCropWrapper(teacher, DINOHead(teacher.embed_dim, args.out_dim)).to(device)
+    student = MultiCropWrapper(student, DINOHead(dim, args.out_dim)).to(device)
+    teacher = MultiCropWrapper(teacher, DINOHead(dim, args.out_dim)).to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher
@@ -183,7 +212,7 @@ def measure(args, path):
     student, teacher = build_models(args, device, fused_attn=ours)
     ncrops = 2 + args.local_crops_number
     loss_fn = (DINOLoss if ours else PairwiseDINOLoss)(args.out_dim, ncrops, 0.04, 0.04, 0, 1).to(device)
-    optimizer = build_optimizer("adamw", param_groups(student), fused=ours and device.type == "cuda")
+    optimizer = build_optimizer("adamw", param_groups(student), device if ours else None)
     for group in optimizer.param_groups:
         group["lr"] = 5e-4
         group["weight_decay"] = 0.04 if group["apply_wd"] else 0.0

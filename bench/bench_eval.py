@@ -1,8 +1,10 @@
 """Evaluation speed: feature extraction images/s and k-NN search time, ours against a naive baseline, same run.
 
 Random tensors stand in for data, so this times the model and the search, not image decoding. Paths:
-  extraction  ours: SDPA attention under autocast at --precision (fp32 on CPU), inference mode;
-              baseline: the same backbone in fp32 with explicit softmax attention (fused_attn = False).
+  extraction  ours: SDPA attention under autocast at --precision (fp32 on CPU), the last block computing [CLS]
+              alone, inference mode;
+              baseline: the same backbone in fp32 with the original's forward (explicit softmax attention, every
+              token through every block).
   k-NN        ours: core.knn.knn_classify, neighbours found once for the largest k, by chunked torch matmul +
               top-k with a bounded similarity block, or by faiss (CPU; --knn_backend auto keeps the faster of the
               two), then scatter-add voting;
@@ -13,6 +15,7 @@ Both k-NN paths must give the same accuracies; the script checks it.
     python bench/bench_eval.py --batch_size 256 --n_train 200000 --n_test 10000 --num_classes 1000    # one GPU
 """
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.bench_dino import original_forward  # noqa: E402
 from core.device import autocast, resolve_device, resolve_precision, synchronize  # noqa: E402
 from core.errors import run_cli  # noqa: E402
 from core.knn import faiss_installed, knn_classify  # noqa: E402
@@ -52,15 +56,16 @@ def extraction_images_per_s(args, device, fused_attn, precision):
     torch.manual_seed(0)
     model = build_vit(args.arch, args.patch_size, img_size=args.img_size).to(device).eval()
     model.fused_attn = fused_attn
+    forward = model if fused_attn else functools.partial(original_forward, model)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     for _ in range(args.warmup):
         with autocast(device, precision):
-            model(images)
+            forward(images)
     synchronize(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         with autocast(device, precision):
-            model(images)
+            forward(images)
     synchronize(device)
     return args.steps * args.batch_size / (time.perf_counter() - start)
 

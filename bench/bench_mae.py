@@ -5,7 +5,8 @@ Random images stand in for data, so this times the model step (forward, backward
   mae_baseline       the same model with every patch through the encoder, removed ones replaced by a learned mask
                      token (the paper's "encoder w/ [M]", which it reports about 3x slower); same precision;
   finetune           the step of main_finetune.py: SDPA attention, autocast at --precision, layer-wise lr decay;
-  finetune_baseline  the same model eager in fp32 with explicit softmax attention (model.fused_attn = False).
+  finetune_baseline  the same model eager in fp32 with the original's forward: explicit softmax attention, drop path
+                     multiplying the whole batch by its mask, torch's default AdamW.
 Each path runs in a fresh process, so its peak memory is its own (CUDA: max_memory_allocated; CPU: growth of the
 process's peak RSS after the imports).
 
@@ -14,6 +15,7 @@ process's peak RSS after the imports).
         --decoder_embed_dim 512 --decoder_depth 8 --precision bf16                # one GPU, the published sizes
 """
 import argparse
+import functools
 import multiprocessing
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench_dino import count_flops, mfu, peak_rss_bytes, time_steps  # noqa: E402
+from bench_dino import count_flops, mfu, original_forward, peak_rss_bytes, time_steps  # noqa: E402
 from core.device import autocast, make_grad_scaler, resolve_device, resolve_precision  # noqa: E402
 from core.errors import UserError, run_cli  # noqa: E402
 from core.mae import build_mae, check_mask_ratio, random_masking  # noqa: E402
@@ -87,12 +89,15 @@ def build_step(args, path, device, precision):
         model = VisionTransformer(img_size=args.input_size, patch_size=args.patch_size, num_classes=args.num_classes,
                                   embed_dim=embed_dim, depth=depth, num_heads=num_heads, drop_path_rate=0.1,
                                   global_pool="avg").to(device)
-        model.fused_attn = path == "finetune"
-        optimizer = build_optimizer("adamw", param_groups_layer_decay(model, 0.05, model.no_weight_decay(), 0.75))
+        ours = path == "finetune"
+        model.fused_attn = ours
+        optimizer = build_optimizer("adamw", param_groups_layer_decay(model, 0.05, model.no_weight_decay(), 0.75),
+                                    device if ours else None)
         target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+        forward = model if ours else functools.partial(original_forward, model)
 
         def loss_fn():
-            return torch.nn.functional.cross_entropy(model(imgs), target)
+            return torch.nn.functional.cross_entropy(forward(imgs), target)
     set_lr(optimizer, 1e-4)
     scaler = make_grad_scaler(device, precision)
 

@@ -5,8 +5,8 @@ folder, or the images of --data_path. Both paths decode with PIL, shrink with PI
 same data-loading workers, so they differ only where the original and ours differ:
   ours:     images of the same size batched together (--batch_size), SDPA attention under autocast at --precision
             (fp32 on CPU), core.features.extract_list_features;
-  baseline: the original's loop: one image per step (batch size 1), explicit softmax attention, fp32, torchvision's
-            ToTensor + Normalize, features written by index.
+  baseline: the original's loop: one image per step (batch size 1), its forward (explicit softmax attention, every
+            token through every block), fp32, torchvision's ToTensor + Normalize, features written by index.
 Both must give the same features; the script checks it.
 
     python bench/bench_retrieval.py                          # CPU-sized default, well under a minute
@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
+from bench.bench_dino import original_forward  # noqa: E402
 from core.data import list_images  # noqa: E402
 from core.device import resolve_device, resolve_precision, synchronize  # noqa: E402
 from core.errors import UserError, run_cli  # noqa: E402
@@ -87,7 +88,8 @@ class OriginalDataset(torch.utils.data.Dataset):
 def original_multiscale(model, x):
     v = None
     for s in MULTISCALES:
-        feats = model(x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False))
+        scaled = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        feats = original_forward(model, scaled)
         v = feats if v is None else v + feats
     v = v / 3
     return v / v.norm()
@@ -100,7 +102,7 @@ def baseline_features(model, paths, args, device):
     features = None
     for x, index in loader:
         x = x.to(device)
-        feats = original_multiscale(model, x) if args.multiscale else model(x)
+        feats = original_multiscale(model, x) if args.multiscale else original_forward(model, x)
         if features is None:
             features = torch.zeros(len(paths), feats.shape[-1], device=device)
         features.index_copy_(0, index.to(device), feats)

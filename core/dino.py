@@ -15,6 +15,8 @@ class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight = g * v / ||v|| per output unit.
 
     Written out (rather than torch's weight-norm parametrisation) to keep the official keys `weight_g`, `weight_v`.
+    x (v/||v||)^T = (x v^T) / ||v|| per output unit, so a batch smaller than the weight (the recipe's 65536 x 256 on
+    a few dozen crops) scales the output rather than building the normalised weight, in the forward and backward.
     """
 
     def __init__(self, in_dim, out_dim):
@@ -23,7 +25,11 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
 
     def forward(self, x):
-        return F.linear(x, self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True))
+        scale = self.weight_g / self.weight_v.norm(dim=1, keepdim=True)
+        if x.numel() < self.weight_v.numel():  # fewer (rows x inputs) than weights: scale the output instead
+            out = F.linear(x, self.weight_v)
+            return out * scale.view(-1).to(out.dtype)
+        return F.linear(x, self.weight_v * scale)
 
 
 class DINOHead(nn.Module):

@@ -40,6 +40,25 @@ class DropPath(nn.Module):
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask / keep
 
+    def residual(self, x, branch, n_tokens=None):
+        """x[:, :n_tokens] + self(branch(x)), where branch gives the first n_tokens tokens (all when None).
+
+        On a CPU the branch runs only on the samples that keep it (the same per-sample draws, values and gradients,
+        about drop_prob less work); elsewhere the mask multiplies, which needs no host sync and keeps shapes static.
+        """
+        base = x if n_tokens is None else x[:, :n_tokens]
+        if self.drop_prob == 0.0 or not self.training:
+            return base + branch(x)
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return base + self(branch(x))
+        keep = 1.0 - self.drop_prob
+        kept = x.new_empty(x.shape[0]).bernoulli_(keep).nonzero().squeeze(1)
+        if len(kept) == len(x):
+            return torch.add(base, branch(x), alpha=1 / keep)
+        # also with no sample kept: the branch then runs on an empty batch, so its parameters get zero gradients
+        # (AdamW still steps them, DDP still sees them), as with the mask
+        return base.index_add(0, kept, branch(x[kept]), alpha=1 / keep)
+
     def extra_repr(self):
         return f"drop_prob={self.drop_prob}"
 
@@ -85,9 +104,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, return_attention=False):
+    def forward(self, x, return_attention=False, n_queries=None):
+        """n_queries: only the first n_queries tokens attend (and come out); all tokens are still keys and values."""
+        if n_queries is not None and not return_attention and not (self.training and self.attn_drop.p > 0):
+            return self.forward_queries(x, n_queries)
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q = q[:, :, :n_queries]
         attn = None
         if self.fused_attn and not return_attention:
             dropout_p = self.attn_drop.p if self.training else 0.0
@@ -95,8 +118,28 @@ class Attention(nn.Module):
         else:
             attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
             x = self.attn_drop(attn) @ v
-        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, q.shape[2], C)))
         return (x, attn) if return_attention else x
+
+    def forward_queries(self, x, n):
+        """The first n tokens' outputs at O(tokens x dim) cost instead of O(tokens x dim^2), with no key or value
+        projected: a score q.(Wk x + bk) is (Wk^T q).x plus q.bk, the same for every key, which the softmax cancels;
+        and sum_j p_j (Wv x_j + bv) = Wv (sum_j p_j x_j) + bv. Every head attends over the same tokens x, so the
+        heads' queries go in as rows of one attention (exact without attention dropout, which is 0 in the recipes)."""
+        B, N, C = x.shape
+        heads, d = self.num_heads, C // self.num_heads
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, :n], w[:C], None if b is None else b[:C]).reshape(B, n, heads, d).transpose(1, 2)
+        q = (q @ w[C:2 * C].view(heads, d, C)).reshape(B, 1, heads * n, C)
+        tokens = x.unsqueeze(1)
+        if self.fused_attn:
+            mixed = F.scaled_dot_product_attention(q, tokens, tokens, scale=self.scale)
+        else:
+            mixed = (q @ tokens.transpose(-2, -1) * self.scale).softmax(dim=-1) @ tokens
+        out = mixed.view(B, heads, n, C) @ w[2 * C:].view(heads, d, C).transpose(1, 2)
+        if b is not None:
+            out = out + b[2 * C:].view(heads, 1, d)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, n, C)))
 
 
 class LayerScale(nn.Module):
@@ -122,11 +165,12 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, return_attention=False):
+    def forward(self, x, return_attention=False, n_queries=None):
+        """n_queries: compute only the first n_queries output tokens (the [CLS] token alone when 1)."""
         if return_attention:
             return self.attn(self.norm1(x), return_attention=True)[1]
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = self.drop_path.residual(x, lambda t: self.ls1(self.attn(self.norm1(t), n_queries=n_queries)), n_queries)
+        return self.drop_path.residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))))
 
 
 class VisionTransformer(nn.Module):
@@ -209,17 +253,19 @@ class VisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
         return x
 
-    def forward_features(self, x):
+    def forward_features(self, x, cls_only=False):
+        """All output tokens, normalised; cls_only: the [CLS] token alone, (B, 1, dim), for which the last block
+        computes that one token (the same values, about a twelfth less work for a 12-block model)."""
         x = self.prepare_tokens(x)
-        for blk in self.blocks:
+        for blk in self.blocks[:-1]:
             x = blk(x)
-        return self.norm(x)
+        return self.norm(self.blocks[-1](x, n_queries=1 if cls_only else None))
 
     def forward(self, x):
-        x = self.forward_features(x)
         if self.global_pool == "avg":
+            x = self.forward_features(x)
             return self.head(self.fc_norm(x[:, 1 + self.num_register_tokens:].mean(dim=1)))
-        return self.head(x[:, 0])
+        return self.head(self.forward_features(x, cls_only=True)[:, 0])
 
     def get_last_selfattention(self, x):
         x = self.prepare_tokens(x)

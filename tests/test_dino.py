@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradients_last_layer, clip_gradients,
-                       ema_update)
+from core.dino import (DINOHead, DINOLoss, MultiCropWrapper, WeightNormLinear, cancel_gradients_last_layer,
+                       clip_gradients, ema_update)
 from core.optim import LARS, param_groups
 from core.schedule import cosine_schedule
 
@@ -71,6 +71,30 @@ def test_head_layout_and_normalisation():
     assert torch.allclose(w.norm(dim=1), torch.ones(32))
     assert DINOHead(16, 32, norm_last_layer=False).last_layer.weight_g.requires_grad
     assert "mlp.1.running_mean" in DINOHead(16, 32, use_bn=True).state_dict()
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # fewer, then more inputs than the weight has elements
+@pytest.mark.parametrize("train_g", [False, True])
+def test_weight_norm_layer_matches_torch_weight_norm(rows, train_g):
+    """Output and gradients against torch's own weight-norm parametrisation, on both forms of our layer."""
+    torch.manual_seed(0)
+    ours = WeightNormLinear(8, 12)
+    with torch.no_grad():
+        ours.weight_g.uniform_(0.5, 2.0)
+    ours.weight_g.requires_grad = train_g
+    ref = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 12, bias=False))
+    with torch.no_grad():
+        ref.parametrizations.weight.original0.copy_(ours.weight_g)
+        ref.parametrizations.weight.original1.copy_(ours.weight_v)
+    x = torch.randn(rows, 8)
+    w = torch.randn(rows, 12)
+    (ours(x) * w).sum().backward()
+    (ref(x) * w).sum().backward()
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours.weight_v.grad, ref.parametrizations.weight.original1.grad, atol=1e-5, rtol=1e-5)
+    if train_g:
+        torch.testing.assert_close(ours.weight_g.grad, ref.parametrizations.weight.original0.grad, atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_multicrop_runs_backbone_once_per_resolution():

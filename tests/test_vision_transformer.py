@@ -248,7 +248,8 @@ def test_intermediate_layers():
         for blk in model.blocks[:2]:
             h = blk(h)
         torch.testing.assert_close(layers[0], model.norm(h), atol=0, rtol=0)
-        torch.testing.assert_close(model(x), layers[-1][:, 0], atol=0, rtol=0)
+        # forward computes the [CLS] token alone in the last block: equal up to summation order
+        torch.testing.assert_close(model(x), layers[-1][:, 0], atol=1e-6, rtol=1e-5)
 
 
 def test_stochastic_depth_schedule_and_modes():
@@ -274,6 +275,62 @@ def test_drop_path_drops_whole_samples_and_rescales():
     torch.testing.assert_close(kept, torch.full_like(kept, 1 / 0.75))
     assert torch.equal(per_sample.min(1).values, per_sample.max(1).values)
     assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.25) < 0.03
+
+
+def original_forward(model, x, draws):
+    """The original ViT's training forward, written out: every token through every block, then [CLS]; drop path
+    multiplies each branch by a per-sample mask drawn as DropPath draws it (recorded in `draws`)."""
+    h = model.prepare_tokens(x)
+    for blk in model.blocks:
+        for norm, branch, scale in ((blk.norm1, blk.attn, blk.ls1), (blk.norm2, blk.mlp, blk.ls2)):
+            keep = 1.0 - blk.drop_path.drop_prob
+            mask = h.new_empty(len(h)).bernoulli_(keep) if keep < 1 else h.new_ones(len(h))
+            draws.append(mask)
+            h = h + scale(branch(norm(h))) * mask[:, None, None] / keep
+    return model.head(model.norm(h)[:, 0])
+
+
+def grads(model, x):
+    return [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cls_only_last_block_and_skipped_drop_path_match_the_original(fused):
+    """Our training forward (the last block computes [CLS] alone; on CPU a dropped sample's branch is not run)
+    against the written-out original on the same draws: same output and gradients, with some samples dropped."""
+    model = tiny(depth=4, drop_path_rate=0.6, num_register_tokens=2, init_values=0.5, num_classes=5).train()
+    model.fused_attn = fused
+    for seed in range(3):
+        x = torch.randn(6, 3, 32, 32, requires_grad=True)
+        torch.manual_seed(seed)
+        out = model(x)
+        out.square().sum().backward()
+        ours = grads(model, x)
+        model.zero_grad()
+        x.grad = None
+        draws = []
+        torch.manual_seed(seed)
+        ref = original_forward(model, x, draws)
+        ref.square().sum().backward()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        for a, b in zip(ours, grads(model, x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        model.zero_grad()
+        kept = torch.stack(draws[2:]).sum(1)  # the first block's rate is 0
+        assert ((kept > 0) & (kept < 6)).any(), "the case of interest: some samples dropped, some kept"
+
+
+def test_branch_dropped_for_every_sample_still_gets_zero_gradients():
+    """With no sample keeping a branch, its parameters get zero gradients rather than none, as with the mask:
+    AdamW still decays and steps them, and DDP sees them used."""
+    torch.manual_seed(0)
+    model = tiny(depth=2).train()
+    model.blocks[-1].drop_path.drop_prob = 0.999  # this seed drops both branches for all 3 samples
+    model(torch.randn(3, 3, 32, 32)).sum().backward()
+    last = model.blocks[-1]
+    for p in [*last.attn.parameters(), *last.mlp.parameters()]:
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+    assert torch.count_nonzero(model.patch_embed.proj.weight.grad) > 0
 
 
 def test_avg_pool_layout_and_forward():
