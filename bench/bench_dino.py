@@ -10,7 +10,8 @@ loader included: each step waits for its batch. Paths:
             backbones (--compile); with --data our loader (persistent workers, pinned memory, the CPU pipeline, or
             with --gpu_augment crops and flips only and the photometric stage batched on the device);
   baseline  the original's modules: the same model eager in fp32 with the original's forward (explicit softmax
-            attention, every block computing every token, drop path multiplying by its mask), the pairwise loss
+            attention, every block computing every token, drop path multiplying by its mask), the head's output
+            layer normalised by torch's weight_norm hook as in the original, the pairwise loss
             with a log-softmax per pair, per-parameter clipping and EMA loops, torch's default AdamW, the loss read
             back every step; with
             --data the original's loader (torchvision's PIL chain, workers restarted every epoch).
@@ -30,6 +31,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -145,17 +147,32 @@ class OriginalBackbone(torch.nn.Module):
         return original_forward(self.vit, x)
 
 
+def original_head(dim, out_dim):
+    """DINOHead with the original's output layer, torch's weight_norm hook (same weight_g/weight_v keys)."""
+    head = DINOHead(dim, out_dim)
+    with warnings.catch_warnings():  # torch deprecates the hook in favour of parametrizations; the original uses it
+        warnings.simplefilter("ignore", FutureWarning)
+        layer = torch.nn.utils.weight_norm(torch.nn.Linear(head.last_layer.weight_v.shape[1], out_dim, bias=False))
+    with torch.no_grad():
+        layer.weight_v.copy_(head.last_layer.weight_v)
+        layer.weight_g.fill_(1)
+    layer.weight_g.requires_grad = False
+    head.last_layer = layer
+    return head
+
+
 def build_models(args, device, fused_attn):
     student = build_vit(args.arch, args.patch_size, drop_path_rate=0.1, img_size=args.global_size)
     teacher = build_vit(args.arch, args.patch_size, img_size=args.global_size)
     dim = student.embed_dim
+    make_head = DINOHead if fused_attn else original_head
     if not fused_attn and args.arch in ARCHS:
         student, teacher = OriginalBackbone(student), OriginalBackbone(teacher)
     for m in [*student.modules(), *teacher.modules()]:  # timm attention modules carry the same switch
         if hasattr(m, "fused_attn"):
             m.fused_attn = fused_attn
-    student = MultiCropWrapper(student, DINOHead(dim, args.out_dim)).to(device)
-    teacher = MultiCropWrapper(teacher, DINOHead(dim, args.out_dim)).to(device)
+    student = MultiCropWrapper(student, make_head(dim, args.out_dim)).to(device)
+    teacher = MultiCropWrapper(teacher, make_head(dim, args.out_dim)).to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher
