@@ -11,10 +11,9 @@ loader included: each step waits for its batch. Paths:
             with --gpu_augment crops and flips only and the photometric stage batched on the device);
   baseline  the original's modules: the same model eager in fp32 with the original's forward (explicit softmax
             attention, every block computing every token, drop path multiplying by its mask), the head's output
-            layer normalised by torch's weight_norm hook as in the original, the pairwise loss
-            with a log-softmax per pair, per-parameter clipping and EMA loops, torch's default AdamW, the loss read
-            back every step; with
-            --data the original's loader (torchvision's PIL chain, workers restarted every epoch).
+            layer normalised by torch's weight_norm hook as in the original, the pairwise loss with a log-softmax
+            per pair, per-parameter clipping and EMA loops, torch's default AdamW, the loss read back every step;
+            with --data the original's loader (torchvision's PIL chain, workers restarted every epoch).
 Each path runs in a fresh process, so its peak memory is its own (CUDA: max_memory_allocated; CPU: growth of the
 process's peak RSS after the imports, which counts every allocation, not only tensors).
 
@@ -150,7 +149,9 @@ class OriginalBackbone(torch.nn.Module):
 def original_head(dim, out_dim):
     """DINOHead with the original's output layer, torch's weight_norm hook (same weight_g/weight_v keys)."""
     head = DINOHead(dim, out_dim)
-    with warnings.catch_warnings():  # torch deprecates the hook in favour of parametrizations; the original uses it
+    # torch deprecates the hook in favour of parametrizations (the original uses it); the layer's own random init,
+    # overwritten below, must not shift the random stream, so both paths draw the same crops and drop-path masks
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", FutureWarning)
         layer = torch.nn.utils.weight_norm(torch.nn.Linear(head.last_layer.weight_v.shape[1], out_dim, bias=False))
     with torch.no_grad():
